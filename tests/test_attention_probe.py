@@ -1,0 +1,106 @@
+"""The probe (q_proj + rotary against cached keys) equals eager attention's weights."""
+
+import copy
+
+import numpy as np
+import torch
+from transformers import LlamaForCausalLM
+
+from tests.conftest import random_image, tiny_policy
+
+
+def eager_attentions(lm, embeds):
+    cfg = copy.deepcopy(lm.config)
+    cfg._attn_implementation = "eager"
+    ref = LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict(lm.state_dict())
+    with torch.no_grad():
+        return ref(inputs_embeds=embeds, output_attentions=True).attentions
+
+
+def _embeds(policy, image, instruction):
+    inputs = policy.prepare(image, instruction)
+    with torch.no_grad():
+        return policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
+
+
+def eager_layer_weights(lm, layer, hidden_in):
+    """transformers' eager attention weights of one layer for a given layer input."""
+    cfg = copy.deepcopy(lm.config)
+    cfg._attn_implementation = "eager"
+    attn = type(lm.model.layers[layer].self_attn)(cfg, layer).eval()
+    attn.load_state_dict(lm.model.layers[layer].self_attn.state_dict())
+    t = hidden_in.shape[1]
+    pos = torch.arange(t)[None]
+    causal = torch.full((t, t), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        x = lm.model.layers[layer].input_layernorm(hidden_in)
+        _, weights = attn(x, position_embeddings=lm.model.rotary_emb(x, pos), attention_mask=causal)
+    return weights
+
+
+def test_prefill_probe_matches_eager():
+    policy = tiny_policy(3)
+    embeds = _embeds(policy, random_image(3), "pick up the red block")
+    t = embeds.shape[1]
+    engine = policy.engine
+    engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, record_layers=(0, 1, 2, 3))
+    ctx = engine.last_context
+    lm = policy.model.language_model
+    rows = torch.tensor([[t - 1, t - 5, 0, 100, 257]])  # last token, a text row, BOS, visual rows
+    # layer 0: against the whole eager model (identical inputs)
+    want0 = eager_attentions(lm, embeds)[0][:, :, rows[0], 1:257]
+    assert (ctx.attention(0, rows) - want0).abs().max().item() < 1e-6
+    # every layer: against eager attention on the same layer input our engine saw
+    for layer in range(4):
+        got = ctx.attention(layer, rows)  # [1, H, R, 256]
+        want = eager_layer_weights(lm, layer, ctx.hidden_in[layer])[:, :, rows[0], 1:257]
+        assert (got - want).abs().max().item() < 1e-6
+
+
+def test_decode_probe_matches_eager():
+    policy = tiny_policy(4)
+    embeds = _embeds(policy, random_image(4), "press the yellow button")
+    lm = policy.model.language_model
+    engine = policy.engine
+    # capture the inputs our engine feeds layer 2 (prefill rows, then the decoded token)
+    seen = []
+    handle = lm.model.layers[2].input_layernorm.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].clone())
+    )
+    try:
+        logits, _ = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7)
+        tok = logits.argmax(-1)
+        _, probe0 = engine.decode(tok, probe_layer=0)  # [1, H, 256]
+        seen.clear()
+        engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7)
+        _, probe2 = engine.decode(tok, probe_layer=2)
+    finally:
+        handle.remove()
+    full = torch.cat([embeds, lm.model.embed_tokens(tok[:, None])], dim=1)
+    want0 = eager_attentions(lm, full)[0][:, :, -1, 1:257]
+    assert (probe0 - want0).abs().max().item() < 1e-6
+    # seen: the prefill rows, the decoded token, then the probe's own recompute of that token
+    layer_in = torch.cat(seen, dim=1)[:, : full.shape[1]]
+    want2 = eager_layer_weights(lm, 2, layer_in)[:, :, -1, 1:257]
+    assert (probe2 - want2).abs().max().item() < 1e-6
+
+
+def test_probe_after_pruning_zeroes_dropped_tokens():
+    policy = tiny_policy(5)
+    embeds = _embeds(policy, random_image(5), "press the yellow button")
+    kept = torch.tensor(np.sort(np.random.default_rng(0).choice(256, 40, replace=False)))
+    engine = policy.engine
+    logits, _ = engine.prefill(
+        embeds,
+        torch.zeros(1, dtype=torch.long),
+        7,
+        prune_layer=1,
+        prune_hook=lambda ctx: kept[None],
+    )
+    _, probe = engine.decode(logits.argmax(-1), probe_layer=3)
+    dropped = torch.ones(256, dtype=torch.bool)
+    dropped[kept] = False
+    assert probe[..., dropped].abs().max().item() == 0.0
+    assert probe[..., kept].min().item() > 0.0
+    assert probe.sum(-1).max().item() < 1.0  # the rest of the mass sits on BOS/text keys

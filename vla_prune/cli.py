@@ -1,0 +1,168 @@
+"""`vla-prune` command line: profile, info (and eval / bench / ros-node as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(name: str, device: str, dtype: str, seed: int):
+    import vla_prune
+
+    if Path(name).is_dir():
+        return vla_prune.load_policy(name, device=device, dtype=DTYPES[dtype])
+    return vla_prune.build_policy(name, seed=seed, device=device, dtype=DTYPES[dtype])
+
+
+def _prune_config(args):
+    from vla_prune import PruneConfig
+    from vla_prune.config import load_yaml
+
+    if args.prune_config:
+        return load_yaml(PruneConfig, args.prune_config)
+    if args.pruner == "none":
+        return PruneConfig()
+    return PruneConfig(method=args.pruner, keep_ratio=args.keep, layer=args.layer)
+
+
+def cmd_info(args) -> int:
+    from vla_prune.engine.flops import step_flops
+
+    policy = _load(args.policy, "meta", "float32", args.seed)
+    cfg = policy.config
+    m = policy.model
+    params = {
+        "vision_backbone": sum(p.numel() for p in m.vision_backbone.parameters()),
+        "projector": sum(p.numel() for p in m.projector.parameters()),
+        "language_model": sum(p.numel() for p in m.language_model.parameters()),
+    }
+    params["total"] = sum(params.values())
+    n_text = len(policy.token_ids(args.instruction))
+    prune = _prune_config(args)
+    k, _, _ = prune.resolve_layers(cfg.num_layers)
+    kept = prune.budget(cfg.num_patches) if prune.method != "none" else None
+    flops = step_flops(cfg, n_text, kept, k if kept is not None else None)
+    print(
+        f"policy {cfg.name}: {cfg.num_patches} visual tokens, {n_text} text tokens, "
+        f"{cfg.num_layers} LLM layers"
+    )
+    for name, n in params.items():
+        print(f"  params {name:<16}{n:>16,}")
+    for stage, f in {**flops.stages, "total": flops.total}.items():
+        print(f"  GFLOPs {stage:<16}{f / 1e9:>16.2f}")
+    if args.out:
+        _write_json(
+            args.out,
+            {"policy": cfg.name, "params": params, "flops": {**flops.stages, "total": flops.total}},
+        )
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from vla_prune.engine.flops import step_flops
+    from vla_prune.profiling import format_table, machine_info, summarize
+
+    if args.device == "meta":
+        return cmd_info(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = _load(args.policy, args.device, args.dtype, args.seed)
+    prune = _prune_config(args)
+    policy.configure(prune=prune)
+    rng = np.random.default_rng(args.seed)
+    size = policy.config.image_size
+    timings, kept = [], []
+    for i in range(args.warmup + args.steps):
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        r = policy.step(image, args.instruction)
+        if i >= args.warmup:
+            timings.append(r.timings_ms)
+            kept.append(r.kept_visual_tokens)
+    summary = summarize(timings)
+    n_text = policy.prepare(image, args.instruction)["input_ids"].shape[1]
+    k, _, _ = prune.resolve_layers(policy.config.num_layers)
+    n_kept = int(np.median(kept))
+    flops = step_flops(policy.config, n_text, n_kept, k)
+    stage_flops = {**flops.stages, "total": flops.total}
+    stage_flops["decode"] += stage_flops.pop("lm_head")  # the timer's decode includes it
+    print(
+        f"policy {policy.config.name} | pruner {prune.method} keep {n_kept}/"
+        f"{policy.config.num_patches} | {args.steps} steps | device {args.device} "
+        f"{args.dtype} | threads {torch.get_num_threads()}"
+    )
+    print(format_table(summary, stage_flops))
+    result = {
+        "policy": policy.config.name,
+        "prune": prune.__dict__,
+        "kept_visual_tokens": n_kept,
+        "steps": args.steps,
+        "device": args.device,
+        "dtype": args.dtype,
+        "machine": machine_info(args.device),
+        "summary_ms": summary,
+        "flops": stage_flops,
+        "timings_ms": timings,
+    }
+    if args.out:
+        _write_json(args.out, result)
+    return 0
+
+
+def _write_json(path: str, data: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vla-prune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--policy", default="tiny-openvla", help="preset name or checkpoint dir")
+        sp.add_argument("--pruner", default="none", help="pruning method (see configs/pruning)")
+        sp.add_argument("--keep", type=float, default=0.25, help="kept visual-token ratio")
+        sp.add_argument("--layer", type=int, default=None, help="pruning layer K (default: scaled)")
+        sp.add_argument(
+            "--prune-config", default=None, help="YAML PruneConfig (overrides --pruner)"
+        )
+        sp.add_argument("--instruction", default="pick up the red block")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--out", default=None, help="write results as JSON here")
+
+    prof = sub.add_parser("profile", help="per-stage latency of control steps")
+    common(prof)
+    prof.add_argument("--steps", type=int, default=20)
+    prof.add_argument("--warmup", type=int, default=3)
+    prof.add_argument("--device", default="cpu", help="cpu | cuda | meta (meta = counts only)")
+    prof.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    prof.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch default)")
+    prof.set_defaults(fn=cmd_profile)
+
+    info = sub.add_parser("info", help="parameter counts and FLOPs per stage (no weights run)")
+    common(info)
+    info.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:  # bad configs/inputs: one clear line, no traceback
+        print(f"vla-prune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""A preallocated KV cache whose layers may hold different lengths.
+
+Layers before the pruning point hold the whole prefill; layers from it on hold only the kept
+rows. Alongside the keys we keep, per row, its original position id, whether it is real (not
+left padding) and which visual token it is (-1 for text) — what the attention probe needs to
+map cached keys back to the 256 visual tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = [0] * num_layers
+        self.batch, self.max_len = batch, max_len
+        # Row metadata, one buffer per "group" (before / after the pruning point).
+        self.group = [0] * num_layers
+        self.pos = [torch.zeros(batch, max_len, dtype=torch.long, device=device) for _ in range(2)]
+        self.valid = [
+            torch.zeros(batch, max_len, dtype=torch.bool, device=device) for _ in range(2)
+        ]
+        self.vis = [
+            torch.full((batch, max_len), -1, dtype=torch.long, device=device) for _ in range(2)
+        ]
+        self.has_padding = False
+
+    def fits(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        k = self.k[0]
+        return (
+            self.batch == batch
+            and self.max_len >= max_len
+            and k.dtype == dtype
+            and k.device == torch.device(device)
+        )
+
+    def set_rows(self, group: int, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor):
+        n = pos.shape[1]
+        self.pos[group][:, :n] = pos
+        self.valid[group][:, :n] = valid
+        self.vis[group][:, :n] = vis
+
+    def append_row(self, group: int, at: int, pos: torch.Tensor):
+        self.pos[group][:, at] = pos
+        self.valid[group][:, at] = True
+        self.vis[group][:, at] = -1
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.length[layer] = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, valid, visual index) of the rows cached at `layer`."""
+        g, n = self.group[layer], self.length[layer]
+        return self.pos[g][:, :n], self.valid[g][:, :n], self.vis[g][:, :n]

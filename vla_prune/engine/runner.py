@@ -1,0 +1,232 @@
+"""Our own decoder-layer loop over transformers' Llama weights.
+
+We use the layers' submodules (norms, q/k/v/o projections, MLP, rotary) but run the loop
+ourselves, which gives us three things upstream can't: a pruning point at layer K (layers >= K
+run on the kept rows only, with their original RoPE positions), a preallocated KV cache whose
+layers hold different lengths, and attention scores without eager attention (attention_probe).
+Nothing in transformers is patched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from .attention_probe import attention_rows, to_visual
+from .kv_cache import KVCache
+from .rope import apply_rope
+
+
+@dataclass
+class PrefillContext:
+    """What a pruning hook may look at when the prefill reaches the pruning point."""
+
+    engine: LlamaEngine
+    embeds: torch.Tensor  # [B, T, D] layer-0 inputs
+    positions: torch.Tensor  # [B, T]
+    pad: torch.Tensor  # [B] left-padding rows per sample
+    num_visual: int
+    hidden_in: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its input [B,T,D]
+
+    @property
+    def vis_start(self) -> torch.Tensor:  # [B] row of visual token 0 (after padding and BOS)
+        return self.pad + 1
+
+    def visual_embeddings(self) -> torch.Tensor:
+        """[B, N, D] layer-0 embeddings of the visual tokens (projector outputs)."""
+        idx = self.vis_start[:, None] + torch.arange(self.num_visual, device=self.pad.device)
+        return self.embeds.gather(1, idx[..., None].expand(-1, -1, self.embeds.shape[-1]))
+
+    def attention(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Attention of prefill rows [B, R] at `layer` over the visual tokens -> [B, H, R, N]."""
+        if layer not in self.hidden_in:
+            raise ValueError(f"layer {layer} was not recorded before the pruning point")
+        h = self.hidden_in[layer].gather(1, rows[..., None].expand(-1, -1, self.embeds.shape[-1]))
+        pos = self.positions.gather(1, rows)
+        return self.engine.probe(layer, h, pos)
+
+
+# A hook gets the context at layer K and returns the kept visual indices [B, k] (sorted), or
+# None to keep everything.
+PruneHook = Callable[[PrefillContext], "torch.Tensor | None"]
+
+
+class LlamaEngine:
+    def __init__(self, lm: LlamaForCausalLM, num_visual: int):
+        self.lm = lm
+        cfg = lm.config
+        self.layers = lm.model.layers
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.num_visual = num_visual
+        self.cache: KVCache | None = None
+        self.next_pos: torch.Tensor | None = None
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor):
+        return self.lm.model.rotary_emb(h, pos)
+
+    def _layer(self, idx: int, h, cos, sin, mask, start: int):
+        layer = self.layers[idx]
+        attn = layer.self_attn
+        b, t, _ = h.shape
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = self.cache.write(idx, start, k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None and t > 1,
+            enable_gqa=self.kv_heads != self.num_heads,
+        )
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        # Only the last position: computing logits for every prefill row triples the cost.
+        return self.lm.lm_head(self.lm.model.norm(h_last)).float()
+
+    @torch.inference_mode()
+    def probe(self, layer: int, hidden_rows: torch.Tensor, pos_rows: torch.Tensor) -> torch.Tensor:
+        attn = attention_rows(
+            self.layers[layer],
+            self.lm.model.rotary_emb,
+            self.cache,
+            layer,
+            hidden_rows,
+            pos_rows,
+            self.num_heads,
+        )
+        return to_visual(attn, self.cache, layer, self.num_visual)
+
+    def _ensure_cache(self, batch: int, max_len: int, like: torch.Tensor):
+        if self.cache is None or not self.cache.fits(batch, max_len, like.dtype, like.device):
+            self.cache = KVCache(
+                len(self.layers),
+                batch,
+                self.kv_heads,
+                self.head_dim,
+                max_len,
+                like.dtype,
+                like.device,
+            )
+
+    # -- prefill and decode -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        embeds: torch.Tensor,
+        pad: torch.Tensor,
+        max_new_tokens: int,
+        prune_layer: int | None = None,
+        prune_hook: PruneHook | None = None,
+        record_layers: Iterable[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the prompt. Returns (last-position logits [B, V], kept visual indices or None).
+
+        embeds: [B, T, D], left-padded by `pad` [B] rows: [pad, BOS, N visual, text].
+        """
+        b, t, d = embeds.shape
+        device = embeds.device
+        ar = torch.arange(t, device=device)
+        pos = (ar[None] - pad[:, None]).clamp(min=0)
+        valid = ar[None] >= pad[:, None]
+        vis = ar[None] - (pad[:, None] + 1)
+        vis = torch.where((vis >= 0) & (vis < self.num_visual), vis, -1)
+        self._ensure_cache(b, t + max_new_tokens, embeds)
+        cache = self.cache
+        cache.has_padding = bool(pad.any())
+        cache.set_rows(0, pos, valid, vis)
+        cache.group = [0] * len(self.layers)
+        ctx = PrefillContext(self, embeds, pos, pad, self.num_visual)
+        record = set(record_layers)
+        if prune_hook is not None and prune_layer is not None and prune_layer > 0:
+            record.add(prune_layer - 1)
+
+        kept = None
+        h, mask = embeds, _prefill_mask(valid) if cache.has_padding else None
+        cos, sin = self._rotary(h, pos)
+        for i in range(len(self.layers)):
+            if i == prune_layer and prune_hook is not None:
+                kept = prune_hook(ctx)
+                if kept is not None:
+                    rows = _kept_rows(pad, kept, self.num_visual, t)
+                    h = h.gather(1, rows[..., None].expand(-1, -1, d))
+                    pos, valid, vis = (
+                        pos.gather(1, rows),
+                        valid.gather(1, rows),
+                        vis.gather(1, rows),
+                    )
+                    cache.set_rows(1, pos, valid, vis)
+                    cache.group[i:] = [1] * (len(self.layers) - i)
+                    mask = _prefill_mask(valid) if cache.has_padding else None
+                    cos, sin = self._rotary(h, pos)
+            if i in record:
+                ctx.hidden_in[i] = h
+            h = self._layer(i, h, cos, sin, mask, start=0)
+        self.next_pos = pos[:, -1] + 1
+        self.last_context = ctx
+        return self._logits(h[:, -1]), kept
+
+    @torch.inference_mode()
+    def decode(
+        self, token_ids: torch.Tensor, probe_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per sample [B]. Returns (logits [B, V], visual attention [B, H, N] of the
+        new token at `probe_layer`, or None)."""
+        cache = self.cache
+        pos = self.next_pos[:, None]
+        h = self.lm.model.embed_tokens(token_ids[:, None])
+        for g in set(cache.group):  # each row-metadata group gets the new row once
+            first = cache.group.index(g)
+            cache.append_row(g, cache.length[first], pos[:, 0])
+        cos, sin = self._rotary(h, pos)
+        probe = None
+        for i in range(len(self.layers)):
+            mask = None
+            if cache.has_padding:
+                valid = cache.valid[cache.group[i]][:, : cache.length[i] + 1]
+                mask = valid[:, None, None, :]
+            h_in = h
+            h = self._layer(i, h, cos, sin, mask, start=cache.length[i])
+            if i == probe_layer:
+                probe = self.probe(i, h_in, pos)[:, :, 0]
+        self.next_pos = self.next_pos + 1
+        return self._logits(h[:, -1]), probe
+
+
+def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Causal mask that also hides left padding; padding rows see themselves (no NaN rows)."""
+    t = valid.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(t, dtype=torch.bool, device=valid.device)
+    return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+
+
+def _kept_rows(pad: torch.Tensor, kept: torch.Tensor, num_visual: int, t: int) -> torch.Tensor:
+    """Row indices [B, T'] of padding + BOS, the kept visual tokens and all text, in order."""
+    rows = []
+    for b in range(pad.shape[0]):
+        start = int(pad[b]) + 1
+        rows.append(
+            torch.cat(
+                [
+                    torch.arange(start, device=pad.device),
+                    start + kept[b].to(pad.device),
+                    torch.arange(start + num_visual, t, device=pad.device),
+                ]
+            )
+        )
+    return torch.stack(rows)

@@ -1,0 +1,327 @@
+"""Policy: reset() + step(image, instruction) -> StepResult. The one interface everything uses.
+
+One control step, one path:
+  image + instruction -> preprocess -> vision backbone -> projector -> LLM prefill (pruning
+  point at layer K) -> greedy decode of action tokens -> de-tokenize / un-normalize.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import PruneConfig
+from .engine.runner import LlamaEngine, PrefillContext
+from .models.openvla import ActionTokenizer, build_prompt, unnormalize
+from .models.prismatic import OpenVLAModel
+from .preprocess import InputError, image_to_pixels, validate_image, validate_instruction
+from .pruning.base import PruneInputs, make_pruner
+from .pruning.temporal import ActionScoreHistory
+from .runtime.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+STAGES = ("preprocess", "vision", "projector", "prefill", "prune", "decode", "post", "total")
+
+
+@dataclass
+class StepResult:
+    actions: np.ndarray  # [chunk, action_dim] float32, un-normalized
+    action_tokens: np.ndarray | None  # [action_dim] decoded token ids (OpenVLA-style policies)
+    timings_ms: dict[str, float]
+    kept_visual_tokens: int
+    normalized_actions: np.ndarray | None = None  # [chunk, action_dim] in [-1, 1]
+    # Pruning report (None when nothing was pruned or the method doesn't compute it).
+    kept_indices: np.ndarray | None = None  # sorted visual indices kept at layer K
+    semantic_scores: np.ndarray | None = None  # [N] score the pruner saw this step
+    action_scores: np.ndarray | None = None  # [N] action-level attention recorded this step
+    origin: np.ndarray | None = None  # per kept token: 1 semantic, 2 action, 3 both
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Policy:
+    def __init__(
+        self,
+        model: OpenVLAModel,
+        tokenizer,
+        norm_stats: dict[str, Any],
+        unnorm_key: str | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.norm_stats = norm_stats
+        cfg = model.config
+        self.action_tokenizer = ActionTokenizer(cfg.tokenizer_vocab_size, cfg.n_action_bins)
+        self.engine = LlamaEngine(model.language_model, cfg.num_patches)
+        self.unnorm_key = self._check_unnorm_key(unnorm_key)
+        self.prune_config = PruneConfig()
+        self._pruner = make_pruner(self.prune_config)
+        self.reset()
+
+    # -- configuration ------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> Policy:
+        self.model.to(device=device, dtype=dtype)
+        self.engine.cache = None
+        return self
+
+    def _check_unnorm_key(self, key: str | None) -> str | None:
+        keys = sorted(self.norm_stats)
+        if key is None:
+            return keys[0] if len(keys) == 1 else None
+        if key not in self.norm_stats:
+            raise ValueError(f"unknown unnorm_key {key!r}; this checkpoint has {keys}")
+        return key
+
+    def configure(self, prune: PruneConfig | None = None, unnorm_key: str | None = None) -> Policy:
+        if prune is not None:
+            pruner = make_pruner(prune)  # validates the method name
+            prune.resolve_layers(self.config.num_layers)  # validates layer indices
+            self.prune_config, self._pruner = prune, pruner
+        if unnorm_key is not None:
+            self.unnorm_key = self._check_unnorm_key(unnorm_key)
+        self.reset()
+        return self
+
+    def reset(self) -> None:
+        """New episode: clears the temporal history of every batch slot."""
+        self._histories: list[ActionScoreHistory] = []
+        self._steps: list[int] = []
+        self._rngs: list[np.random.Generator] = []
+
+    def _slots(self, n: int):
+        while len(self._histories) < n:
+            self._histories.append(ActionScoreHistory(self.prune_config.window))
+            self._steps.append(0)
+            self._rngs.append(np.random.default_rng([self.prune_config.seed, len(self._rngs)]))
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def token_ids(self, instruction: str) -> list[int]:
+        """Prompt token ids for an instruction (BOS first), with OpenVLA's suffix rule."""
+        ids = self.tokenizer(build_prompt(instruction)).input_ids
+        suffix = self.config.prompt_suffix_token_id
+        if suffix is not None and ids[-1] != suffix:
+            ids = ids + [suffix]
+        budget = min(
+            self.config.max_length, self.model.language_model.config.max_position_embeddings
+        )
+        need = len(ids) + self.config.num_patches + self.config.action_dim
+        if need > budget:
+            raise InputError(
+                f"instruction too long: {len(ids)} prompt tokens + {self.config.num_patches} "
+                f"visual + {self.config.action_dim} action tokens = {need} > context {budget}"
+            )
+        return ids
+
+    def prepare(self, image: np.ndarray, instruction: str) -> dict[str, torch.Tensor]:
+        """{"pixel_values": [1, 6, H, W], "input_ids": [1, T]}, as the model consumes them."""
+        image = validate_image(image)
+        ids = self.token_ids(validate_instruction(instruction))
+        cfg = self.config
+        pixels = image_to_pixels(image, cfg.image_size, cfg.image_means, cfg.image_stds)
+        return {
+            "pixel_values": pixels.to(self.device, self.dtype),
+            "input_ids": torch.tensor([ids], dtype=torch.long, device=self.device),
+        }
+
+    # -- the control step ---------------------------------------------------------------------
+
+    def step(self, image: np.ndarray, instruction: str) -> StepResult:
+        return self.step_batch([image], [instruction])[0]
+
+    @torch.inference_mode()
+    def step_batch(
+        self, images: Sequence[np.ndarray], instructions: Sequence[str]
+    ) -> list[StepResult]:
+        """Batched control step; slot i keeps its own temporal history across calls."""
+        if isinstance(instructions, str) or len(images) != len(instructions):
+            raise InputError(
+                "step_batch needs a list of images and a list of instructions of equal length"
+            )
+        if len(images) == 0:
+            raise InputError("step_batch got an empty batch")
+        if self.unnorm_key is None:
+            raise ValueError(
+                f"this checkpoint has several dataset statistics {sorted(self.norm_stats)}: "
+                "choose one with policy.configure(unnorm_key=...)"
+            )
+        timer = StageTimer(self.device)
+        b = len(images)
+        with timer.stage("preprocess"):
+            inputs = [self.prepare(im, ins) for im, ins in zip(images, instructions)]
+            pixels = torch.cat([x["pixel_values"] for x in inputs])
+        self._slots(b)  # only after every input validated: a bad input changes no state
+        with timer.stage("vision"):
+            features = self.model.vision_backbone(pixels)
+        with timer.stage("projector"):
+            patches = self.model.projector(features)
+            embeds, pad = self._embed(patches, [x["input_ids"][0] for x in inputs])
+
+        prune_cfg = self.prune_config
+        k_layer, sem_layer, act_layer = prune_cfg.resolve_layers(self.config.num_layers)
+        needs = self._pruner.needs
+        report: dict[str, Any] = {}
+        prune_ms = [0.0]
+
+        def hook(ctx: PrefillContext):
+            t0 = time.perf_counter()
+            kept = self._select(ctx, sem_layer, report)
+            prune_ms[0] = (time.perf_counter() - t0) * 1e3
+            return kept
+
+        n_act = self.config.action_dim
+        with timer.stage("prefill"):
+            logits, kept = self.engine.prefill(
+                embeds,
+                pad,
+                n_act,
+                prune_layer=k_layer,
+                prune_hook=hook,
+                record_layers=(sem_layer,) if needs & {"semantic", "text_attention"} else (),
+            )
+        timer.ms["prefill"] -= prune_ms[0]
+        timer.ms["prune"] = prune_ms[0]
+        with timer.stage("decode"):
+            probe_layer = act_layer if "action" in needs else None
+            tokens = [logits.argmax(-1)]
+            probes = []
+            for _ in range(n_act - 1):
+                logits, probe = self.engine.decode(tokens[-1], probe_layer)
+                tokens.append(logits.argmax(-1))
+                if probe is not None:
+                    probes.append(probe.mean(dim=1))  # average over heads -> [B, N]
+        with timer.stage("post"):
+            token_ids = torch.stack(tokens, dim=1).cpu().numpy()
+            normalized = self.action_tokenizer.decode(token_ids)  # [B, action_dim]
+            stats = self.norm_stats[self.unnorm_key]["action"]
+            actions = unnormalize(normalized, stats)
+            action_scores = torch.stack(probes).mean(0) if probes else None  # over decode steps
+            for i in range(b):
+                if action_scores is not None:
+                    self._histories[i].push(action_scores[i].float().cpu())
+                self._steps[i] += 1
+        timings = timer.finish()
+        n_kept = kept.shape[1] if kept is not None else self.config.num_patches
+        return [
+            StepResult(
+                actions=actions[i : i + 1],
+                action_tokens=token_ids[i],
+                timings_ms=timings,
+                kept_visual_tokens=n_kept,
+                normalized_actions=normalized[i : i + 1],
+                kept_indices=None if kept is None else kept[i].cpu().numpy(),
+                semantic_scores=_np(report.get("semantic"), i),
+                action_scores=_np(action_scores, i),
+                origin=_np(report.get("origin"), i),
+            )
+            for i in range(b)
+        ]
+
+    def _embed(self, patches: torch.Tensor, ids: list[torch.Tensor]):
+        """Left-pad to a common length: [pad, BOS, visual, text] per sample."""
+        embed = self.model.language_model.get_input_embeddings()
+        longest = max(len(x) for x in ids)
+        pad_id = self.model.language_model.config.pad_token_id or 0
+        rows, pads = [], []
+        for i, x in enumerate(ids):
+            n_pad = longest - len(x)
+            e = embed(torch.cat([torch.full((n_pad,), pad_id, device=x.device), x]))
+            rows.append(torch.cat([e[: n_pad + 1], patches[i], e[n_pad + 1 :]]))
+            pads.append(n_pad)
+        return torch.stack(rows), torch.tensor(pads, device=patches.device)
+
+    def _select(self, ctx: PrefillContext, sem_layer: int, report: dict) -> torch.Tensor | None:
+        """Compute what the pruner needs, ask it per sample, stack the kept indices."""
+        cfg, needs, n = self.prune_config, self._pruner.needs, self.config.num_patches
+        b, t = ctx.embeds.shape[:2]
+        budget = cfg.budget(n)
+        if budget >= n and cfg.method != "fixed":
+            return None
+        dev = ctx.pad.device
+        # Text rows: [pad_i + 1 + n, t) for sample i. Take [1 + n, t) for all and mask per
+        # sample: row r is text for sample i iff r >= pad_i (left padding shifts text right).
+        text_rows = torch.arange(n + 1, t, device=dev)[None].expand(b, -1)
+        is_text = (torch.arange(t - n - 1, device=dev)[None] >= ctx.pad[:, None]).float()
+        semantic = text_attention = None
+        if "semantic" in needs:
+            if cfg.semantic_query == "last":
+                rows, weight = torch.full((b, 1), t - 1, device=dev), None
+            elif cfg.semantic_query == "text-mean":
+                rows, weight = text_rows, is_text
+            else:  # prefill-mean: every real prefill row
+                rows = torch.arange(t, device=dev)[None].expand(b, -1)
+                weight = (rows >= ctx.pad[:, None]).float()
+            attn = ctx.attention(sem_layer, rows).mean(dim=1)  # heads -> [B, R, N]
+            if weight is None:
+                semantic = attn.mean(dim=1)
+            else:
+                semantic = (attn * weight[..., None]).sum(1) / weight.sum(1, keepdim=True)
+        if "text_attention" in needs:
+            text_attention = ctx.attention(sem_layer, text_rows).mean(dim=1)  # [B, R, N]
+        embeddings = ctx.visual_embeddings() if "embeddings" in needs else None
+        kept, origins = [], []
+        for i in range(b):
+            x = PruneInputs(
+                budget=budget,
+                num_visual=n,
+                grid=_grid(n),
+                semantic=None if semantic is None else semantic[i].float(),
+                text_attention=(
+                    None if text_attention is None else text_attention[i, int(ctx.pad[i]) :].float()
+                ),
+                action_history=self._histories[i].as_list(),
+                embeddings=None if embeddings is None else embeddings[i].float(),
+                rng=self._rngs[i],
+                step=self._steps[i],
+            )
+            if hasattr(self._pruner, "select_with_origin"):
+                k, origin = self._pruner.select_with_origin(x)
+                origins.append(origin)
+            else:
+                k = self._pruner.select(x)
+            kept.append(k)
+        if semantic is not None:
+            report["semantic"] = semantic
+        if all(k is None for k in kept):
+            return None
+        if any(k is None for k in kept):
+            raise RuntimeError("pruner kept all tokens for some batch slots but not others")
+        if origins and all(o is not None for o in origins):
+            report["origin"] = torch.stack(origins)
+        return torch.stack([k.to(dev) for k in kept])
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        from .models.checkpoints import save_openvla
+
+        return save_openvla(self, Path(path))
+
+
+def _grid(n: int) -> tuple[int, int]:
+    side = int(round(n**0.5))
+    return (side, side) if side * side == n else (1, n)
+
+
+def _np(x: torch.Tensor | None, i: int) -> np.ndarray | None:
+    return None if x is None else x[i].float().cpu().numpy()

@@ -1,0 +1,94 @@
+"""The pruning protocol: a strategy is a small pure function of scores -> kept indices.
+
+Strategies never touch model internals. The engine computes what a strategy says it `needs`
+(scores from the attention probe, layer-0 embeddings, the action-score history) and hands it
+over as `PruneInputs` for ONE sample; the strategy returns the kept visual indices, sorted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..config import PruneConfig
+
+
+@dataclass
+class PruneInputs:
+    budget: int  # visual tokens to keep
+    num_visual: int  # e.g. 256
+    grid: tuple[int, int] = (16, 16)  # patch grid (rows, cols), row-major token order
+    semantic: torch.Tensor | None = None  # [N] head-averaged attention of the semantic query
+    text_attention: torch.Tensor | None = None  # [n_text, N] head-averaged, one row per text token
+    action_history: list[torch.Tensor] = field(default_factory=list)  # [N] each, oldest first
+    embeddings: torch.Tensor | None = None  # [N, D] layer-0 visual embeddings
+    rng: np.random.Generator | None = None
+    step: int = 0  # control steps completed since reset() (temporal methods warm up on it)
+
+
+class Pruner(Protocol):
+    name: str
+    needs: frozenset[str]  # subset of {"semantic", "text_attention", "action", "embeddings"}
+
+    def select(self, x: PruneInputs) -> torch.Tensor | None:
+        """Sorted unique kept indices (LongTensor [budget]), or None to keep every token."""
+        ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_pruner(cfg: PruneConfig) -> Pruner:
+    from . import strategies  # noqa: F401  (registers the built-in methods)
+
+    try:
+        cls = _REGISTRY[cfg.method]
+    except KeyError:
+        raise ValueError(
+            f"unknown pruning method {cfg.method!r}; available: {available()}"
+        ) from None
+    return cls(cfg)
+
+
+@register("none")
+class KeepAll:
+    needs = frozenset()
+
+    def __init__(self, cfg: PruneConfig):
+        self.cfg = cfg
+
+    def select(self, x: PruneInputs) -> torch.Tensor | None:
+        return None
+
+
+@register("fixed")
+class FixedIndices:
+    """Keep a given set of visual tokens (for experiments and exactness tests)."""
+
+    needs = frozenset()
+
+    def __init__(self, cfg: PruneConfig):
+        if cfg.indices is None:
+            raise ValueError("method 'fixed' needs PruneConfig.indices")
+        self.indices = torch.tensor(sorted(set(cfg.indices)), dtype=torch.long)
+
+    def select(self, x: PruneInputs) -> torch.Tensor | None:
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= x.num_visual):
+            raise ValueError(f"fixed indices must lie in [0, {x.num_visual})")
+        return self.indices

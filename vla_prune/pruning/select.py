@@ -1,0 +1,74 @@
+"""Deterministic selection helpers shared by the strategies: top-k and greedy max-min diversity.
+
+Ties always go to the LOWER token index, so a selection never depends on the sort kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_scores(scores: torch.Tensor | None, n: int, name: str) -> torch.Tensor:
+    """A [n] float score vector, or a clear error naming the missing/misshapen input."""
+    if scores is None:
+        raise ValueError(f"this strategy needs PruneInputs.{name}, got None")
+    if scores.dim() != 1 or scores.shape[0] != n:
+        raise ValueError(f"PruneInputs.{name} must have shape [{n}], got {tuple(scores.shape)}")
+    return scores.float()
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, sorted ascending; ties -> lower index.
+
+    A stable descending sort keeps equal scores in index order (torch.topk's tie order is
+    unspecified and differs between CPU and CUDA).
+    """
+    k = max(0, min(int(k), scores.shape[0]))
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def cosine_distance(embeddings: torch.Tensor) -> torch.Tensor:
+    """[N, N] matrix of 1 - cosine similarity (zero vectors are at distance 1 from everything)."""
+    e = embeddings.float()
+    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return 1.0 - e @ e.T
+
+
+def maxmin_diversity(
+    embeddings: torch.Tensor,
+    k: int,
+    candidates: torch.Tensor | None = None,
+    return_order: bool = False,
+) -> torch.Tensor:
+    """DivPrune's greedy max-min selection of k tokens on cosine distance.
+
+    First pick: the candidate whose nearest neighbour (among the candidates, not itself) is
+    farthest. Then repeatedly the candidate whose distance to the chosen set (its minimum
+    distance to any chosen token) is largest. Ties -> lowest index (torch.argmax returns the
+    first maximum). Returns the picks sorted ascending, or in pick order if `return_order`.
+    """
+    n = embeddings.shape[0]
+    dev = embeddings.device
+    cand = torch.arange(n, device=dev) if candidates is None else candidates.to(dev).long().unique()
+    m = cand.shape[0]
+    k = max(0, min(int(k), m))
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+
+    dist = cosine_distance(embeddings[cand])  # [m, m], computed once
+    nn = dist.clone()
+    nn.fill_diagonal_(float("inf"))
+    first = int(torch.argmax(nn.min(dim=1).values))  # m == 1: inf, still picks the one
+
+    picks = [first]
+    mind = dist[first].clone()  # running min distance of every candidate to the chosen set
+    mind[first] = float("-inf")  # chosen ones can't be picked again, even among duplicates
+    for _ in range(k - 1):
+        j = int(torch.argmax(mind))
+        picks.append(j)
+        mind = torch.minimum(mind, dist[j])
+        mind[j] = float("-inf")
+
+    order = cand[torch.tensor(picks, device=dev)]
+    return order if return_order else order.sort().values
