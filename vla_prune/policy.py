@@ -23,7 +23,7 @@ from .models.openvla import ActionTokenizer, build_prompt, unnormalize
 from .models.prismatic import OpenVLAModel
 from .preprocess import InputError, image_to_pixels, validate_image, validate_instruction
 from .pruning.base import PruneInputs, make_pruner
-from .pruning.temporal import ActionScoreHistory
+from .pruning.temporal import ActionScoreHistory, smooth_action_scores
 from .runtime.timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class StepResult:
     kept_indices: np.ndarray | None = None  # sorted visual indices kept at layer K
     semantic_scores: np.ndarray | None = None  # [N] score the pruner saw this step
     action_scores: np.ndarray | None = None  # [N] action-level attention recorded this step
+    smoothed_action_scores: np.ndarray | None = None  # [N] temporal action score the pruner used
     origin: np.ndarray | None = None  # per kept token: 1 semantic, 2 action, 3 both
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -199,23 +200,18 @@ class Policy:
                 prune_hook=hook,
                 record_layers=(sem_layer,) if needs & {"semantic", "text_attention"} else (),
             )
-        timer.ms["prefill"] -= prune_ms[0]
-        timer.ms["prune"] = prune_ms[0]
         with timer.stage("decode"):
-            probe_layer = act_layer if "action" in needs else None
-            tokens = [logits.argmax(-1)]
-            probes = []
-            for _ in range(n_act - 1):
-                logits, probe = self.engine.decode(tokens[-1], probe_layer)
-                tokens.append(logits.argmax(-1))
-                if probe is not None:
-                    probes.append(probe.mean(dim=1))  # average over heads -> [B, N]
+            token_ids, action_scores = self._decode_actions(
+                logits, act_layer if "action" in needs else None
+            )
+        # "prune" = scoring + selection: the hook at layer K and the probes during decode.
+        timer.ms["prefill"] -= prune_ms[0]
+        timer.ms["decode"] -= self.engine.probe_ms
+        timer.ms["prune"] = prune_ms[0] + self.engine.probe_ms
         with timer.stage("post"):
-            token_ids = torch.stack(tokens, dim=1).cpu().numpy()
             normalized = self.action_tokenizer.decode(token_ids)  # [B, action_dim]
             stats = self.norm_stats[self.unnorm_key]["action"]
             actions = unnormalize(normalized, stats)
-            action_scores = torch.stack(probes).mean(0) if probes else None  # over decode steps
             for i in range(b):
                 if action_scores is not None:
                     self._histories[i].push(action_scores[i].float().cpu())
@@ -232,10 +228,30 @@ class Policy:
                 kept_indices=None if kept is None else kept[i].cpu().numpy(),
                 semantic_scores=_np(report.get("semantic"), i),
                 action_scores=_np(action_scores, i),
+                smoothed_action_scores=_np(report.get("action"), i),
                 origin=_np(report.get("origin"), i),
             )
             for i in range(b)
         ]
+
+    def _decode_actions(
+        self, logits: torch.Tensor, probe_layer: int | None
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """OpenVLA's action head: greedy decode of action_dim tokens (argmax over the whole
+        vocabulary, as upstream). With `probe_layer`, also the action-level score: each decode
+        query's attention to the visual tokens at that layer, averaged over heads and steps.
+
+        This is the seam for other action heads: CogACT has no decode and scores with its
+        cognition token instead.
+        """
+        tokens, probes = [logits.argmax(-1)], []
+        for _ in range(self.config.action_dim - 1):
+            logits, probe = self.engine.decode(tokens[-1], probe_layer)
+            tokens.append(logits.argmax(-1))
+            if probe is not None:
+                probes.append(probe.mean(dim=1))  # heads -> [B, N]
+        scores = torch.stack(probes).mean(0) if probes else None
+        return torch.stack(tokens, dim=1).cpu().numpy(), scores
 
     def _embed(self, patches: torch.Tensor, ids: list[torch.Tensor]):
         """Left-pad to a common length: [pad, BOS, visual, text] per sample."""
@@ -279,6 +295,12 @@ class Policy:
         if "text_attention" in needs:
             text_attention = ctx.attention(sem_layer, text_rows).mean(dim=1)  # [B, R, N]
         embeddings = ctx.visual_embeddings() if "embeddings" in needs else None
+        if "action" in needs:  # for the report: the temporal score the pruner works from
+            smoothed = [
+                smooth_action_scores(h.as_list(), cfg.window, cfg.gamma) for h in self._histories
+            ][:b]
+            if all(x is not None for x in smoothed):
+                report["action"] = torch.stack(smoothed)
         kept, origins = [], []
         for i in range(b):
             x = PruneInputs(
@@ -295,7 +317,7 @@ class Policy:
                 step=self._steps[i],
             )
             if hasattr(self._pruner, "select_with_origin"):
-                k, origin = self._pruner.select_with_origin(x)
+                k, origin = self._pruner.select_with_origin(x) or (None, None)
                 origins.append(origin)
             else:
                 k = self._pruner.select(x)
@@ -324,4 +346,7 @@ def _grid(n: int) -> tuple[int, int]:
 
 
 def _np(x: torch.Tensor | None, i: int) -> np.ndarray | None:
-    return None if x is None else x[i].float().cpu().numpy()
+    if x is None:
+        return None
+    x = x[i].cpu()
+    return (x.float() if x.is_floating_point() else x).numpy()

@@ -9,6 +9,7 @@ Nothing in transformers is patched.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -66,6 +67,7 @@ class LlamaEngine:
         self.num_visual = num_visual
         self.cache: KVCache | None = None
         self.next_pos: torch.Tensor | None = None
+        self.probe_ms = 0.0
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -92,6 +94,11 @@ class LlamaEngine:
         )
         h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _clock(self) -> float:
+        if self.cache.k[0].is_cuda:  # charge the probe only its own kernels
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         # Only the last position: computing logits for every prefill row triples the cost.
@@ -178,6 +185,7 @@ class LlamaEngine:
             h = self._layer(i, h, cos, sin, mask, start=0)
         self.next_pos = pos[:, -1] + 1
         self.last_context = ctx
+        self.probe_ms = 0.0  # time the decode steps spend in the attention probe
         return self._logits(h[:, -1]), kept
 
     @torch.inference_mode()
@@ -202,7 +210,9 @@ class LlamaEngine:
             h_in = h
             h = self._layer(i, h, cos, sin, mask, start=cache.length[i])
             if i == probe_layer:
+                t0 = self._clock()
                 probe = self.probe(i, h_in, pos)[:, :, 0]
+                self.probe_ms += (self._clock() - t0) * 1e3
         self.next_pos = self.next_pos + 1
         return self._logits(h[:, -1]), probe
 

@@ -1,0 +1,1 @@
+"""Simulation: environments, scripted experts and demonstration datasets (no torch needed)."""

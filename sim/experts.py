@@ -1,0 +1,153 @@
+"""Scripted experts for the embedded tabletop, one per task family.
+
+Each expert is a closed-loop waypoint controller that reads privileged state from the env
+(object / button poses, the grasp flag) and returns the same 7-D action a policy would:
+``[dx, dy, dz, 0, 0, 0, gripper]``. Being closed-loop, an expert recovers from small slips
+(a missed grasp, a pushed object turning) by re-planning every step.
+
+    env = make_env("embedded", "pick_place")
+    obs, _ = env.reset(seed=0)
+    expert = expert_for(env)
+    while True:
+        obs, _, terminated, truncated, info = env.step(expert(obs))
+        if terminated or truncated:
+            break
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sim.envs.embedded import EmbeddedEnv
+from sim.envs.embedded.scene import OBJECT_HALF
+from sim.envs.embedded.tasks import PLATE_TOP
+
+CLOSE, OPEN = 1.0, 0.0
+TRAVEL_CLEARANCE = 0.06  # grip-site height above an object's centre while moving over it
+PUSH_SPEED = 0.02  # m/step while pushing; slower than free motion so objects do not fly
+PUSH_BACKOFF = 0.055  # grip site distance behind the object centre before a push
+CARRY_LIFT = 0.07  # carried object's height above its destination while moving there
+NOISE_FADE_DISTANCE = 0.05  # per-axis action noise shrinks within this distance of a waypoint
+
+
+class Expert:
+    """Callable expert: ``expert(obs) -> action`` (float32, shape (7,))."""
+
+    def __init__(self, env: EmbeddedEnv, noise_std: float = 0.0, seed: int | None = None):
+        if not isinstance(env, EmbeddedEnv):
+            raise TypeError(f"experts need an EmbeddedEnv, got {type(env).__name__}")
+        self.env = env
+        self.noise_std = noise_std  # metres, Gaussian noise on dx, dy, dz (demo diversity)
+        self._rng = np.random.default_rng(seed)
+        self._policy: Callable[[EmbeddedEnv], tuple[np.ndarray, float]] = _POLICIES[env.task]
+
+    def __call__(self, obs: Any = None) -> np.ndarray:
+        goal, gripper = self._policy(self.env)
+        error = goal - self.env.ee_pos
+        delta = _clip_norm(error, self.env.config.max_delta)
+        if self.noise_std > 0:
+            # Full noise in free motion, fading out per axis as that axis reaches the waypoint
+            # (e.g. no sideways noise while descending onto an object).
+            scale = np.minimum(1.0, np.abs(error) / NOISE_FADE_DISTANCE)
+            delta = delta + self._rng.normal(0.0, 1.0, size=3) * self.noise_std * scale
+        return np.array([*delta, 0.0, 0.0, 0.0, gripper], dtype=np.float32)
+
+
+def expert_for(env: EmbeddedEnv, noise_std: float = 0.0, seed: int | None = None) -> Expert:
+    """The scripted expert of `env`'s task family (call after or before `env.reset`)."""
+    return Expert(env, noise_std=noise_std, seed=seed)
+
+
+def _clip_norm(v: np.ndarray, max_norm: float) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v if n <= max_norm else v * (max_norm / n)
+
+
+def _xy_dist(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.hypot(a[0] - b[0], a[1] - b[1]))
+
+
+# --- per-family policies: env -> (goal grip-site position, gripper command) -----------------
+
+
+def _press(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
+    top = env.button_top(env.task_instance.target_fixture)
+    ee = env.ee_pos
+    if _xy_dist(ee, top) > 0.01:
+        return np.array([top[0], top[1], top[2] + TRAVEL_CLEARANCE]), CLOSE
+    return np.array([top[0], top[1], top[2] - 0.02]), CLOSE  # press through the cap
+
+
+def _push(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
+    task = env.task_instance
+    obj = env.object_pos(task.target_object)
+    pad = np.asarray(task.fixtures[task.target_fixture].xy)
+    ee = env.ee_pos
+    to_pad = pad - obj[:2]
+    dist = float(np.linalg.norm(to_pad))
+    if dist < 0.005:
+        return ee, CLOSE
+    u = to_pad / dist
+    pre = obj[:2] - u * PUSH_BACKOFF
+    rel = ee[:2] - obj[:2]
+    along = float(rel @ u)
+    lateral = float(np.linalg.norm(rel - along * u))
+    low = ee[2] < OBJECT_HALF + 0.035
+    travel_z = OBJECT_HALF + TRAVEL_CLEARANCE
+    if low and lateral < 0.015 and -PUSH_BACKOFF - 0.02 < along < -0.02:
+        # In position behind the object: push towards the pad centre, correcting sideways.
+        sideways = rel - along * u
+        goal_xy = ee[:2] + u * min(PUSH_SPEED, dist) - 0.5 * sideways
+        return np.array([*goal_xy, OBJECT_HALF]), CLOSE
+    if low and np.linalg.norm(rel) < 0.09:
+        return np.array([ee[0], ee[1], travel_z]), CLOSE  # misaligned next to it: go up first
+    if _xy_dist(ee, pre) > 0.01:
+        return np.array([*pre, max(travel_z, min(ee[2], travel_z))]), CLOSE
+    return np.array([*pre, OBJECT_HALF]), CLOSE
+
+
+def _carry(env: EmbeddedEnv, target: int, dest: np.ndarray) -> tuple[np.ndarray, float]:
+    """Pick object `target` and release it with its centre at `dest`."""
+    ee = env.ee_pos
+    obj = env.object_pos(target)
+    if env.grasped == target:
+        offset = ee - obj  # move the object, not the grip site
+        carry_z = dest[2] + CARRY_LIFT
+        if _xy_dist(obj, dest) > 0.008:
+            if obj[2] < carry_z - 0.03:
+                return np.array([obj[0], obj[1], carry_z]) + offset, CLOSE  # lift first
+            return np.array([dest[0], dest[1], carry_z]) + offset, CLOSE
+        place = np.array([dest[0], dest[1], dest[2] + 0.004])
+        if np.linalg.norm(obj - place) < 0.006:
+            return ee, OPEN  # release
+        return place + offset, CLOSE
+    if env.grasped is not None or env.gripper_closed:
+        # Holding the wrong thing, or a grasp that missed: open and back off upwards.
+        return np.array([ee[0], ee[1], ee[2] + 0.03]), OPEN
+    hover_z = obj[2] + TRAVEL_CLEARANCE
+    xy_err = _xy_dist(ee, obj)
+    if xy_err > 0.005:
+        if ee[2] < obj[2] + 0.03 and xy_err > 0.02:
+            return np.array([ee[0], ee[1], hover_z]), OPEN  # too low to move sideways
+        return np.array([obj[0], obj[1], max(hover_z, min(ee[2], hover_z))]), OPEN
+    if abs(ee[2] - obj[2]) < 0.006:
+        return obj, CLOSE
+    return obj, OPEN
+
+
+def _pick_place(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
+    task = env.task_instance
+    plate = task.fixtures[task.target_fixture].xy
+    return _carry(env, task.target_object, np.array([*plate, PLATE_TOP + OBJECT_HALF]))
+
+
+def _stack(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
+    task = env.task_instance
+    base = env.object_pos(task.base_object)
+    return _carry(env, task.target_object, base + np.array([0.0, 0.0, 2 * OBJECT_HALF]))
+
+
+_POLICIES = {"press": _press, "push": _push, "pick_place": _pick_place, "stack": _stack}
