@@ -116,6 +116,67 @@ def cmd_profile(args) -> int:
     return 0
 
 
+DEFAULT_EVAL_CONFIG = "configs/eval/embedded.yaml"
+
+
+def _eval_runs(text: str):
+    """--configs: specs like dense,vla-pruner@0.25,fastv@64 or a YAML path (argparse type)."""
+    from sim.eval.config import parse_runs
+
+    try:
+        return parse_runs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _eval_config_path(path: str | None) -> Path:
+    if path is not None:
+        return Path(path)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):  # cwd, then the repo
+        if (root / DEFAULT_EVAL_CONFIG).is_file():
+            return root / DEFAULT_EVAL_CONFIG
+    raise ValueError(f"no {DEFAULT_EVAL_CONFIG} here; pass --eval-config FILE")
+
+
+def cmd_eval(args) -> int:
+    import os
+
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; before mujoco is imported
+    logging.getLogger("OpenGL").setLevel(logging.WARNING)  # PyOpenGL's INFO chatter
+    try:
+        import gymnasium  # noqa: F401
+        import mujoco  # noqa: F401
+    except ImportError as e:
+        print(
+            f'vla-prune eval needs the simulation extra: pip install -e ".[sim]" ({e})',
+            file=sys.stderr,
+        )
+        return 2
+    from sim.eval import format_table, load_eval_config, run_eval
+
+    cfg = load_eval_config(
+        _eval_config_path(args.eval_config),
+        suite=args.suite,
+        tasks=args.tasks,  # "press,push" or "all"
+        episodes=args.episodes,
+        seed=args.seed,
+        policy=args.policy,
+        unnorm_key=args.unnorm_key,
+        runs=args.configs,
+        out=args.out,
+        max_steps=args.max_steps,
+        video=args.video or None,
+        threads=args.threads,
+        warmup=args.warmup,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    summary = run_eval(cfg, progress=not args.quiet)
+    print(format_table(summary))
+    print(f"wrote {cfg.out}/episodes.jsonl and summary.md, summary.json, summary.png")
+    return 0
+
+
 def _write_json(path: str, data: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +212,35 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter counts and FLOPs per stage (no weights run)")
     common(info)
     info.set_defaults(fn=cmd_info)
+
+    ev = sub.add_parser(
+        "eval",
+        help="success rate + latency of pruning configurations in simulation (paired, resumable)",
+        description="Flags override the eval YAML (default configs/eval/embedded.yaml).",
+    )
+    ev.add_argument("--eval-config", default=None, help="eval YAML (EvalConfig fields)")
+    ev.add_argument("--suite", default=None, help="env suite, e.g. embedded")
+    ev.add_argument("--tasks", default=None, help="comma-separated task names, or 'all'")
+    ev.add_argument("--episodes", type=int, default=None, help="episodes per task and config")
+    ev.add_argument("--seed", type=int, default=None, help="episode i uses env seed SEED + i")
+    ev.add_argument("--policy", default=None, help="checkpoint dir or preset name")
+    ev.add_argument("--unnorm-key", default=None, help="dataset statistics (default: suite)")
+    ev.add_argument(
+        "--configs",
+        type=_eval_runs,
+        default=None,
+        help="comma-separated [label=]method[@keep] (dense, vla-pruner@0.25, fastv@64, "
+        "x=path.yaml) or a YAML file with a list / `configs:`",
+    )
+    ev.add_argument("--out", default=None, help="output dir (resumes if it holds episodes)")
+    ev.add_argument("--max-steps", type=int, default=None, help="env steps per episode")
+    ev.add_argument("--video", action="store_true", help="write episode GIFs to OUT/videos")
+    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    ev.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
+    ev.add_argument("--device", default=None, help="cpu | cuda")
+    ev.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -55,8 +55,6 @@ def available() -> list[str]:
 
 
 def make_pruner(cfg: PruneConfig) -> Pruner:
-    from . import strategies  # noqa: F401  (registers the built-in methods)
-
     try:
         cls = _REGISTRY[cfg.method]
     except KeyError:

@@ -1,0 +1,235 @@
+"""Eval configuration: which policy, which pruning configurations, which (task, seed) episodes.
+
+A configuration ("run") is a label + a PruneConfig (+ optionally its own policy). Runs come from
+short spec strings or YAML::
+
+    dense                    no pruning (alias of method "none")
+    vla-pruner@0.25          keep 25% of the visual tokens (a float is a keep ratio)
+    fastv@64                 keep 64 visual tokens (an int is a keep count)
+    vp25=vla-pruner@0.25     the same with an explicit label
+    configs/pruning/x.yaml   a PruneConfig YAML; the label is the file's stem
+
+An eval YAML (configs/eval/embedded.yaml) holds the EvalConfig fields, with ``configs:`` a list
+of spec strings or mappings ``{label, prune: {...} | path, policy}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vla_prune.config import PruneConfig, from_dict, load_yaml
+
+DENSE_ALIASES = ("dense", "none")
+# Fields whose change makes earlier episodes incomparable: resuming across them is refused.
+IDENTITY_FIELDS = (
+    "suite",
+    "tasks",
+    "seed",
+    "policy",
+    "unnorm_key",
+    "max_steps",
+    "env",
+    "device",
+    "dtype",
+    "threads",
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One configuration to evaluate; `policy` None means EvalConfig.policy."""
+
+    label: str
+    policy: str | None = None
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "policy": self.policy, "prune": prune_dict(self.prune)}
+
+
+@dataclass
+class EvalConfig:
+    suite: str = "embedded"
+    tasks: tuple[str, ...] | None = None  # None or "all": every task of the suite
+    episodes: int = 10  # per task and configuration
+    seed: int = 0  # episode i uses env seed `seed + i` (same for every configuration)
+    policy: str = "checkpoints/embedded-openvla"  # checkpoint dir or preset name
+    unnorm_key: str | None = None  # None: the suite's name if the checkpoint has it
+    runs: tuple[RunConfig, ...] = (RunConfig("dense"),)
+    out: str = "runs/eval/embedded"
+    max_steps: int | None = None  # None: the env's own step limit
+    video: bool = False
+    threads: int = 1  # torch CPU threads; 1 keeps latency comparable (0 = torch default)
+    warmup: int = 2  # untimed policy steps per configuration before its first episode
+    device: str = "cpu"
+    dtype: str = "float32"
+    env: dict[str, Any] = field(default_factory=dict)  # extra make_env kwargs (image_size, ...)
+
+    def __post_init__(self):
+        if isinstance(self.tasks, str):
+            self.tasks = None if self.tasks == "all" else split_list(self.tasks)
+        if self.tasks is not None:
+            self.tasks = tuple(self.tasks)
+            if not self.tasks:
+                raise ValueError("EvalConfig.tasks is empty")
+        self.runs = tuple(self.runs)
+        if not self.runs:
+            raise ValueError("EvalConfig.runs is empty: give at least one configuration")
+        labels = [r.label for r in self.runs]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"duplicate configuration labels {dup}; label them label=spec")
+        if not isinstance(self.episodes, int) or self.episodes < 1:
+            raise ValueError(f"episodes must be an int >= 1, got {self.episodes!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.episodes)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["tasks"] = list(self.tasks) if self.tasks is not None else None
+        d["runs"] = [r.to_dict() for r in self.runs]
+        return d
+
+
+def prune_dict(prune: PruneConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(prune)
+    if d["indices"] is not None:
+        d["indices"] = list(d["indices"])
+    return d
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _check_method(prune: PruneConfig, spec: str) -> PruneConfig:
+    from vla_prune.pruning.base import make_pruner
+
+    try:
+        make_pruner(prune)
+    except ValueError as e:  # names the available methods
+        raise ValueError(f"bad configuration {spec!r}: {e}") from None
+    return prune
+
+
+def parse_run_spec(spec: str, policy: str | None = None) -> RunConfig:
+    """`[label=]method[@keep]` or `[label=]path.yaml` -> RunConfig (ValueError if malformed)."""
+    text = spec.strip()
+    label, sep, body = text.partition("=")
+    if not sep:
+        label, body = "", text
+    label, body = label.strip(), body.strip()
+    if not body or (sep and not label):
+        raise ValueError(f"bad configuration {spec!r}: expected [label=]method[@keep]")
+    if body.endswith((".yaml", ".yml")):
+        prune = load_yaml(PruneConfig, body)
+        return RunConfig(label or Path(body).stem, policy, _check_method(prune, spec))
+    method, at, keep = body.partition("@")
+    method = method.strip()
+    if method in DENSE_ALIASES:
+        if at:
+            raise ValueError(f"bad configuration {spec!r}: {method} takes no @keep value")
+        return RunConfig(label or "dense", policy, PruneConfig())
+    if not at or not keep.strip():
+        raise ValueError(
+            f"bad configuration {spec!r}: {method} needs a keep value, e.g. {method}@0.25 "
+            f"(ratio) or {method}@64 (tokens)"
+        )
+    keep = keep.strip()
+    try:
+        budget: dict[str, Any] = {"keep_count": int(keep)}
+    except ValueError:
+        try:
+            budget = {"keep_ratio": float(keep)}
+        except ValueError:
+            raise ValueError(f"bad configuration {spec!r}: keep {keep!r} is not a number") from None
+    try:
+        prune = PruneConfig(method=method, **budget)
+    except ValueError as e:
+        raise ValueError(f"bad configuration {spec!r}: {e}") from None
+    return RunConfig(label or body, policy, _check_method(prune, spec))
+
+
+def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
+    """A YAML `configs:` entry: a spec string or {label, prune: mapping | yaml path, policy}."""
+    if isinstance(entry, str):
+        return parse_run_spec(entry)
+    if not isinstance(entry, dict) or "label" not in entry:
+        raise ValueError(f"{source}: configuration {entry!r} needs a label (or be a spec string)")
+    unknown = sorted(set(entry) - {"label", "policy", "prune"})
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown} in configuration {entry['label']!r}")
+    prune = entry.get("prune") or {}
+    if isinstance(prune, str):
+        prune = load_yaml(PruneConfig, prune)
+    else:
+        prune = from_dict(PruneConfig, prune, source=f"{source}: {entry['label']}")
+    return RunConfig(str(entry["label"]), entry.get("policy"), _check_method(prune, source))
+
+
+def parse_runs(text: str) -> tuple[RunConfig, ...]:
+    """`--configs` value: comma-separated specs, or one YAML file with a list / `configs:`."""
+    text = text.strip()
+    path = Path(text)
+    if text.endswith((".yaml", ".yml")) and "," not in text and path.is_file():
+        data = _read_yaml(path)
+        if isinstance(data, dict) and "configs" in data:
+            data = data["configs"]
+        if isinstance(data, list):
+            return tuple(run_from_entry(e, str(path)) for e in data)
+        if isinstance(data, dict) and "method" in data:  # a single PruneConfig file
+            return (parse_run_spec(text),)
+        raise ValueError(f"{path}: expected a list of configurations or a `configs:` key")
+    specs = split_list(text)
+    if not specs:
+        raise ValueError("--configs is empty: give e.g. dense,vla-pruner@0.25")
+    return tuple(parse_run_spec(s) for s in specs)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def load_eval_config(path: str | Path, **overrides: Any) -> EvalConfig:
+    """EvalConfig from a YAML file; `overrides` that are not None replace its fields."""
+    path = Path(path)
+    data = _read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    data = dict(data)
+    entries = data.pop("configs", None) or data.pop("runs", None)  # `runs` as the field is named
+    if entries is not None:
+        data["runs"] = tuple(run_from_entry(e, str(path)) for e in entries)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(EvalConfig, data, source=str(path))
+
+
+def check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    """Refuse to mix episodes of different setups in one OUT dir (ValueError naming fields)."""
+    diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in IDENTITY_FIELDS if old.get(k) != new[k]]
+    old_runs = {r["label"]: r for r in old.get("runs", [])}
+    for run in new["runs"]:
+        prev = old_runs.get(run["label"])
+        if prev is not None and prev != run:
+            diffs.append(f"configuration {run['label']!r}: {prev} -> {run}")
+    if diffs:
+        raise ValueError(
+            f"{out} holds episodes of a different evaluation ({'; '.join(diffs)}); "
+            "use another --out directory or delete it"
+        )

@@ -1,0 +1,320 @@
+"""The eval loop: every configuration runs the same (task, seed) episodes, one JSON line each.
+
+Order: for each task, for each seed, every configuration in turn. Interleaving keeps the
+comparison paired even if a run is cut short, and spreads machine-load drift over all
+configurations alike. Only `policy.step` is timed (its own per-stage timer); the env's physics
+and rendering run in the same process but outside the timed region.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.eval.config import EvalConfig, RunConfig, check_resumable, prune_dict
+from sim.eval.records import (
+    CONFIG_FILE,
+    EPISODES_FILE,
+    EpisodeWriter,
+    episode_key,
+    read_episodes,
+    write_json,
+)
+from sim.eval.stats import latency
+from sim.eval.summary import report
+
+# Headless rendering unless the user chose a GL backend; must precede the first mujoco import.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+log = logging.getLogger(__name__)
+
+
+def load_eval_policy(
+    name: str,
+    unnorm_key: str | None = None,
+    suite: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+):
+    """A checkpoint directory (load_policy) or a preset name (build_policy, random weights).
+
+    Without `unnorm_key`, a checkpoint's statistics named after the suite are used if present
+    (our embedded checkpoint has "embedded"); a single-statistics checkpoint needs no key.
+    """
+    import torch
+
+    import vla_prune
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    if check_policy_name(name) == "checkpoint":
+        policy = vla_prune.load_policy(name, unnorm_key, device=device, dtype=torch_dtype)
+        if unnorm_key is None and suite in policy.norm_stats:
+            policy.configure(unnorm_key=suite)
+        return policy
+    return vla_prune.build_policy(name, device=device, dtype=torch_dtype)
+
+
+def check_policy_name(name: str) -> str:
+    """"checkpoint" or "preset"; ValueError (cheap, before any loading) if it is neither."""
+    from vla_prune.models.presets import PRESETS
+
+    if Path(name).is_dir():
+        return "checkpoint"
+    if name in PRESETS:
+        return "preset"
+    raise ValueError(
+        f"policy {name!r} is neither a checkpoint directory (no {Path(name).resolve()}) nor a "
+        f"preset {sorted(PRESETS)}; --policy tiny-openvla runs random weights as a smoke test"
+    )
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
+
+    def __init__(self, total: int, done: int = 0, enabled: bool = True, width: int = 24):
+        self.total, self.done, self.width = total, done, width
+        self.enabled = enabled and total > 0
+        self.tty = sys.stderr.isatty()
+        self._t0, self._start = time.perf_counter(), done
+
+    def update(self, text: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        frac = self.done / max(self.total, 1)
+        bar = "#" * round(frac * self.width)
+        rate = (self.done - self._start) / max(time.perf_counter() - self._t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        line = (
+            f"eval [{bar:<{self.width}}] {self.done}/{self.total} {100 * frac:3.0f}% "
+            f"| {text} | {60 * rate:.1f} ep/min, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        )
+        sys.stderr.write(f"\r\033[K{line}" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.@=-]+", "_", name)
+
+
+def save_video(frames: list[np.ndarray], path: Path, fps: float = 10.0) -> Path:
+    """MP4 when imageio (+ffmpeg) is installed, else an animated GIF via PIL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import imageio.v2 as imageio
+
+        mp4 = path.with_suffix(".mp4")
+        imageio.mimwrite(mp4, frames, fps=fps)
+        return mp4
+    except Exception:  # noqa: BLE001 - any imageio/ffmpeg problem: fall back to GIF
+        from PIL import Image
+
+        gif = path.with_suffix(".gif")
+        images = [Image.fromarray(f) for f in frames]
+        duration = round(1000 / fps)
+        images[0].save(gif, save_all=True, append_images=images[1:], duration=duration, loop=0)
+        return gif
+
+
+def obs_hash(obs: dict[str, Any]) -> str:
+    h = hashlib.sha1(np.ascontiguousarray(obs["image"]).tobytes())
+    h.update(str(obs["instruction"]).encode())
+    return h.hexdigest()[:16]
+
+
+def _median_p99(values: list[float]) -> dict[str, float]:
+    stats = latency(values)
+    return {"median": round(stats["median"], 3), "p99": round(stats["p99"], 3)}
+
+
+def run_episode(env, policy, seed: int, max_steps: int, video: bool = False) -> dict[str, Any]:
+    """One episode from env.reset(seed); returns the record fields measured here (+ frames)."""
+    obs, info = env.reset(seed=seed)
+    policy.reset()
+    first = obs_hash(obs)
+    instruction = obs["instruction"]
+    frames = [obs["image"]] if video else []
+    timings: list[dict[str, float]] = []
+    kept: list[int] = []
+    steps, done = 0, False
+    t0 = time.perf_counter()
+    while not done:
+        result = policy.step(obs["image"], obs["instruction"])
+        timings.append(result.timings_ms)
+        kept.append(result.kept_visual_tokens)
+        for action in result.actions:  # execute the whole chunk (OpenVLA: one action)
+            obs, _, terminated, truncated, info = env.step(action)
+            steps += 1
+            if video:
+                frames.append(obs["image"])
+            if terminated or truncated or steps >= max_steps:
+                done = True
+                break
+    stages = list(dict.fromkeys(s for t in timings for s in t))
+    step_ms = {s: [round(t[s], 3) for t in timings if s in t] for s in stages}
+    return {
+        "success": bool(info.get("success", False)),
+        "steps": steps,
+        "policy_steps": len(timings),
+        "instruction": instruction,
+        "obs_hash": first,
+        "kept_visual_tokens": float(np.mean(kept)),
+        "latency_ms": {s: _median_p99(x) for s, x in step_ms.items()},
+        "step_ms": step_ms,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "frames": frames,
+    }
+
+
+def _resolve(cfg: EvalConfig) -> EvalConfig:
+    """Fill in the suite's tasks; check tasks, seeds and policies before anything is written."""
+    from sim.envs import list_tasks
+    from sim.envs.base import EVAL_SEEDS
+
+    suite_tasks = list_tasks(cfg.suite)
+    tasks = cfg.tasks or tuple(suite_tasks)
+    unknown = [t for t in tasks if t not in suite_tasks]
+    if unknown:
+        raise ValueError(
+            f"unknown tasks {unknown} for suite {cfg.suite!r}; choose from {suite_tasks}"
+        )
+    cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
+    if cfg.seeds[0] not in EVAL_SEEDS or cfg.seeds[-1] not in EVAL_SEEDS:
+        raise ValueError(
+            f"eval seeds {cfg.seeds[0]}..{cfg.seeds[-1]} leave EVAL_SEEDS {EVAL_SEEDS}: "
+            "other seeds may be training scenes"
+        )
+    for run in cfg.runs:
+        check_policy_name(run.policy or cfg.policy)
+    return cfg
+
+
+def _open_out(cfg: EvalConfig) -> tuple[Path, list[dict[str, Any]]]:
+    """Check (resume) or create OUT/config.json; returns OUT and its finished episodes."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    new = cfg.to_dict()
+    config_path, episodes_path = out / CONFIG_FILE, out / EPISODES_FILE
+    if config_path.is_file():
+        old = json.loads(config_path.read_text())
+        check_resumable(old, new, out)
+        # Keep configurations run earlier but not named now: their episodes stay in the file.
+        names = {r["label"] for r in new["runs"]}
+        new["runs"] = [r for r in old.get("runs", []) if r["label"] not in names] + new["runs"]
+        new["episodes"] = max(new["episodes"], old.get("episodes", 0))
+    elif episodes_path.exists() and episodes_path.stat().st_size:
+        raise ValueError(f"{episodes_path} exists without {CONFIG_FILE}; cannot check it matches")
+    records = read_episodes(episodes_path, repair=True)
+    write_json(config_path, new)
+    return out, records
+
+
+def run_eval(
+    cfg: EvalConfig,
+    progress: bool = True,
+    on_episode: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the evaluation; writes OUT/episodes.jsonl and OUT/summary.*.
+
+    `on_episode(record)` is called after each record is on disk (hooks, tests). Returns the
+    summary (sim.eval.stats.summarize_episodes) of every episode in OUT.
+    """
+    import torch
+
+    from sim.envs import make_env
+
+    cfg = _resolve(cfg)
+    out, records = _open_out(cfg)
+    done = {episode_key(r) for r in records}
+    todo = [
+        (task, seed, run)
+        for task in cfg.tasks
+        for seed in cfg.seeds
+        for run in cfg.runs
+        if (run.label, task, seed) not in done
+    ]
+    total = len(cfg.tasks) * len(cfg.seeds) * len(cfg.runs)
+    log.info("%s: %d episodes to run, %d already done", out, len(todo), total - len(todo))
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    policies: dict[str, Any] = {}
+    warm: set[str] = set()
+
+    def policy_for(run: RunConfig, env, seed: int):
+        name = run.policy or cfg.policy
+        if name not in policies:
+            policies[name] = load_eval_policy(
+                name, cfg.unnorm_key, cfg.suite, device=cfg.device, dtype=cfg.dtype
+            )
+        policy = policies[name].configure(prune=run.prune)
+        if run.label not in warm:
+            # Untimed steps on the episode's own first observation: lazy initialisation and
+            # allocator warm-up would otherwise land in whichever configuration runs first.
+            obs, _ = env.reset(seed=seed)
+            for _ in range(cfg.warmup):
+                policy.step(obs["image"], obs["instruction"])
+            warm.add(run.label)
+        return policy
+
+    env_kw = dict(cfg.env)
+    if cfg.max_steps is not None:
+        env_kw["max_steps"] = cfg.max_steps  # suites take max_steps to move their own limit
+    bar = Progress(total, total - len(todo), enabled=progress)
+    env, env_task = None, None
+    try:
+        with EpisodeWriter(out / EPISODES_FILE) as writer:
+            for task, seed, run in todo:
+                if env_task != task:
+                    if env is not None:
+                        env.close()
+                    env, env_task = make_env(cfg.suite, task, **env_kw), task
+                policy = policy_for(run, env, seed)
+                limit = cfg.max_steps or env.max_episode_steps
+                ep = run_episode(env, policy, seed, limit, video=cfg.video)
+                frames = ep.pop("frames")
+                video = None
+                if frames:
+                    path = out / "videos" / _safe(run.label) / f"{task}_{seed}"
+                    fps = getattr(getattr(env, "config", None), "control_hz", 10.0)
+                    video = str(save_video(frames, path, fps).relative_to(out))
+                record = {
+                    "label": run.label,
+                    "suite": cfg.suite,
+                    "task": task,
+                    "seed": seed,
+                    "episode": seed - cfg.seed,
+                    **ep,
+                    "policy": run.policy or cfg.policy,
+                    "prune": prune_dict(run.prune),
+                    "video": video,
+                }
+                writer.write(record)
+                if on_episode is not None:
+                    on_episode(record)
+                mark = "ok" if record["success"] else "fail"
+                bar.update(f"{run.label} {task} seed {seed} {mark} ({ep['steps']} steps)")
+    finally:
+        bar.close()
+        if env is not None:
+            env.close()
+        torch.set_num_threads(threads_before)  # the caller's process setting, not ours to keep
+    return report(out)

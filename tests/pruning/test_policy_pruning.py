@@ -1,0 +1,111 @@
+"""Pruning inside the policy: temporal history, keep-all exactness, reports."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import random_image, tiny_policy
+from vla_prune import PruneConfig
+from vla_prune.pruning.base import available
+
+
+class Recorder:
+    """Wraps a pruner and keeps a copy of every PruneInputs it receives."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.needs = inner, inner.name, inner.needs
+        self.seen = []
+
+    def select_with_origin(self, x):
+        self.seen.append(x)
+        return self.inner.select_with_origin(x)
+
+
+def replay_action_scores(policy, image, instruction, kept, act_layer):
+    """The action-level score of one step recomputed through the engine: probe attention of each
+    decode query at act_layer, averaged over heads and decode steps."""
+    inputs = policy.prepare(image, instruction)
+    with torch.no_grad():
+        embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
+    engine = policy.engine
+    k_layer = policy.prune_config.resolve_layers(policy.config.num_layers)[0]
+    hook = None if kept is None else (lambda ctx: torch.as_tensor(kept)[None])
+    logits, _ = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, k_layer, hook)
+    probes = []
+    tok = logits.argmax(-1)
+    for _ in range(6):
+        logits, probe = engine.decode(tok, act_layer)
+        probes.append(probe.mean(dim=1))
+        tok = logits.argmax(-1)
+    return torch.stack(probes).mean(0)[0].numpy()
+
+
+def test_history_equals_recorded_action_attention_over_10_steps():
+    policy = tiny_policy(8)
+    cfg = PruneConfig(method="vla-pruner", keep_ratio=0.25)
+    policy.configure(prune=cfg)
+    recorder = Recorder(policy._pruner)
+    policy._pruner = recorder
+    _, _, act_layer = cfg.resolve_layers(policy.config.num_layers)
+    results, frames = [], []
+    for t in range(10):
+        image, instruction = random_image(100 + t), "push the blue cube onto the green pad"
+        results.append(policy.step(image, instruction))
+        frames.append((image, instruction))
+    assert len(recorder.seen) == 10
+    for t, x in enumerate(recorder.seen):
+        assert x.step == t
+        expected = [r.action_scores for r in results[max(0, t - 3) : t]]
+        assert len(x.action_history) == len(expected)
+        for got, want in zip(x.action_history, expected):
+            np.testing.assert_array_equal(got.numpy(), want)
+    # warm-up: the first 3 steps keep everything, then exactly the budget
+    assert [r.kept_visual_tokens for r in results] == [256] * 3 + [64] * 7
+    # each recorded score is the probe's decode-query attention at the action layer;
+    # pruned tokens count 0
+    for (image, instruction), r in zip(frames, results):
+        again = replay_action_scores(policy, image, instruction, r.kept_indices, act_layer)
+        np.testing.assert_allclose(r.action_scores, again, atol=1e-7)
+        if r.kept_indices is not None:
+            dropped = np.setdiff1d(np.arange(256), r.kept_indices)
+            assert (r.action_scores[dropped] == 0).all()
+    # the report labels kept tokens by origin
+    last = results[-1]
+    assert last.origin.shape == last.kept_indices.shape and set(last.origin) <= {1, 2, 3}
+    assert last.smoothed_action_scores is not None and last.semantic_scores is not None
+    policy.reset()
+    policy.step(*frames[0])
+    assert recorder.seen[-1].step == 0 and recorder.seen[-1].action_history == []
+
+
+@pytest.mark.parametrize("method", sorted(set(available()) - {"fixed", "none"}))
+def test_keep_all_is_exactly_dense(method):
+    policy = tiny_policy(9)
+    images = [random_image(200 + t) for t in range(3)]
+    instruction = "pick up the red block"
+    dense = [policy.step(im, instruction) for im in images]
+    policy.configure(prune=PruneConfig(method=method, keep_ratio=1.0, warmup=0))
+    pruned = [policy.step(im, instruction) for im in images]
+    for a, b in zip(dense, pruned):
+        assert b.kept_visual_tokens == 256 and b.kept_indices is None
+        assert (a.action_tokens == b.action_tokens).all()
+        np.testing.assert_array_equal(a.actions, b.actions)
+    # and the same logits: nothing is dropped, so the engine runs the identical path
+    inputs = policy.prepare(images[0], instruction)
+    with torch.no_grad():
+        embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
+    pad = torch.zeros(1, dtype=torch.long)
+    ref, _ = policy.engine.prefill(embeds, pad, 7)
+    got, kept = policy.engine.prefill(
+        embeds, pad, 7, 1, lambda ctx: policy._select(ctx, 0, {})
+    )
+    assert kept is None and torch.equal(ref, got)
+
+
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm", "divprune", "random", "uniform"])
+def test_every_method_prunes_to_the_budget_in_the_policy(method):
+    policy = tiny_policy(10)
+    policy.configure(prune=PruneConfig(method=method, keep_ratio=0.125))
+    r = policy.step(random_image(0), "press the yellow button")
+    assert r.kept_visual_tokens == 32
+    assert len(np.unique(r.kept_indices)) == 32 and (np.diff(r.kept_indices) > 0).all()
