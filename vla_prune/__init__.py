@@ -19,8 +19,35 @@ __all__ = [
     "StepResult",
     "build_policy",
     "load_policy",
+    "policy_from",
 ]
 __version__ = "0.1.0"
+
+
+# Trained checkpoints shipped with the repository (e.g. "embedded-openvla").
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def _preset_names() -> list[str]:
+    from .models.presets import PRESETS
+
+    return sorted(PRESETS)
+
+
+def policy_from(
+    name_or_path: str | Path,
+    unnorm_key: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Policy:
+    """A checkpoint directory, a shipped checkpoint name, or a preset name."""
+    if Path(name_or_path).is_dir():
+        return load_policy(name_or_path, unnorm_key, device=device or "cpu", dtype=dtype)
+    policy = build_policy(str(name_or_path), seed=seed, device=device, dtype=dtype)
+    if unnorm_key is not None:
+        policy.configure(unnorm_key=unnorm_key)
+    return policy
 
 
 def build_policy(
@@ -29,7 +56,7 @@ def build_policy(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> Policy:
-    """A policy from a named preset with random weights (seeded).
+    """A policy from a named preset with random weights (seeded), or a shipped checkpoint.
 
     Full-size presets (openvla-7b) go on the meta device unless a device is given: shapes,
     parameter counts and FLOPs without allocating 30 GB.
@@ -39,6 +66,9 @@ def build_policy(
     from .models.prismatic import OpenVLAModel
     from .models.tokenizer import build_word_tokenizer
 
+    shipped = CHECKPOINTS / name
+    if name not in _preset_names() and (shipped / "config.json").is_file():
+        return load_policy(shipped, device=device or "cpu", dtype=dtype)
     cfg = get_preset(name)
     if device is None:
         device = "meta" if name in FULL_SIZE else "cpu"

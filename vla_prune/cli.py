@@ -17,9 +17,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _load(name: str, device: str, dtype: str, seed: int):
     import vla_prune
 
-    if Path(name).is_dir():
-        return vla_prune.load_policy(name, device=device, dtype=DTYPES[dtype])
-    return vla_prune.build_policy(name, seed=seed, device=device, dtype=DTYPES[dtype])
+    return vla_prune.policy_from(name, device=device, dtype=DTYPES[dtype], seed=seed)
 
 
 def _prune_config(args):
@@ -138,7 +136,7 @@ def _eval_config_path(path: str | None) -> Path:
     raise ValueError(f"no {DEFAULT_EVAL_CONFIG} here; pass --eval-config FILE")
 
 
-def cmd_eval(args) -> int:
+def _require_sim(command: str) -> bool:
     import os
 
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; before mujoco is imported
@@ -148,9 +146,50 @@ def cmd_eval(args) -> int:
         import mujoco  # noqa: F401
     except ImportError as e:
         print(
-            f'vla-prune eval needs the simulation extra: pip install -e ".[sim]" ({e})',
+            f'vla-prune {command} needs the simulation extra: pip install -e ".[sim]" ({e})',
             file=sys.stderr,
         )
+        return False
+    return True
+
+
+def cmd_viz(args) -> int:
+    """One episode; a PNG per step with the kept tokens over the camera image."""
+    if not _require_sim("viz"):
+        return 2
+    from sim.envs import make_env
+    from vla_prune.viz import overlay
+
+    policy = _load(args.policy, "cpu", "float32", args.seed)
+    prune = _prune_config(args)
+    policy.configure(prune=prune)
+    if args.unnorm_key:
+        policy.configure(unnorm_key=args.unnorm_key)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = make_env(args.suite, args.task)
+    try:
+        obs, _ = env.reset(seed=args.seed)
+        policy.reset()
+        n = policy.config.num_patches
+        side = int(round(n**0.5))
+        for t in range(args.steps):
+            r = policy.step(obs["image"], obs["instruction"])
+            title = (f"step {t} | {prune.method} kept {r.kept_visual_tokens}/{n} | "
+                     f"{obs['instruction']}")
+            overlay(obs["image"], r.kept_indices, r.origin, (side, side), title=title).save(
+                out / f"step_{t:03d}.png")
+            obs, _, terminated, truncated, info = env.step(r.actions[0])
+            if terminated or truncated:
+                break
+    finally:
+        env.close()
+    print(f"wrote {t + 1} frames to {out} (success: {bool(info.get('success'))})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if not _require_sim("eval"):
         return 2
     from sim.eval import format_table, load_eval_config, run_eval
 
@@ -208,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     prof.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch default)")
     prof.set_defaults(fn=cmd_profile)
+
+    viz = sub.add_parser("viz", help="PNGs of the kept tokens over the camera, one per step")
+    common(viz)
+    viz.add_argument("--suite", default="embedded")
+    viz.add_argument("--task", default="press")
+    viz.add_argument("--steps", type=int, default=40)
+    viz.add_argument("--unnorm-key", default=None)
+    viz.set_defaults(fn=cmd_viz, out="runs/viz")
 
     info = sub.add_parser("info", help="parameter counts and FLOPs per stage (no weights run)")
     common(info)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 
 from sim.envs.base import LanguageConditionedEnv
@@ -74,5 +75,16 @@ def _embedded_env(task: str, **kw: Any) -> LanguageConditionedEnv:
 
 
 register_suite("embedded", tasks=_embedded_tasks, factory=_embedded_env)
+# Adapter modules are light; LIBERO / SimplerEnv themselves are imported only when an env is made.
+register_suite(
+    "libero",
+    tasks=lambda: import_module("sim.envs.libero").task_names(),
+    factory=lambda task, **kw: import_module("sim.envs.libero").LiberoEnv(task, **kw),
+)
+register_suite(
+    "simpler",
+    tasks=lambda: import_module("sim.envs.simpler").task_names(),
+    factory=lambda task, **kw: import_module("sim.envs.simpler").SimplerEnv(task, **kw),
+)
 
 __all__ = ["LanguageConditionedEnv", "list_suites", "list_tasks", "make_env", "register_suite"]

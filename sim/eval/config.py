@@ -58,7 +58,7 @@ class EvalConfig:
     tasks: tuple[str, ...] | None = None  # None or "all": every task of the suite
     episodes: int = 10  # per task and configuration
     seed: int = 0  # episode i uses env seed `seed + i` (same for every configuration)
-    policy: str = "checkpoints/embedded-openvla"  # checkpoint dir or preset name
+    policy: str = "embedded-openvla"  # checkpoint dir, shipped checkpoint or preset name
     unnorm_key: str | None = None  # None: the suite's name if the checkpoint has it
     runs: tuple[RunConfig, ...] = (RunConfig("dense"),)
     out: str = "runs/eval/embedded"

@@ -59,19 +59,20 @@ def load_eval_policy(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    if check_policy_name(name) == "checkpoint":
-        policy = vla_prune.load_policy(name, unnorm_key, device=device, dtype=torch_dtype)
-        if unnorm_key is None and suite in policy.norm_stats:
-            policy.configure(unnorm_key=suite)
-        return policy
-    return vla_prune.build_policy(name, device=device, dtype=torch_dtype)
+    if check_policy_name(name) == "preset":
+        unnorm_key = None  # random presets carry identity statistics only
+    policy = vla_prune.policy_from(name, unnorm_key, device=device, dtype=torch_dtype)
+    if unnorm_key is None and suite in policy.norm_stats:
+        policy.configure(unnorm_key=suite)
+    return policy
 
 
 def check_policy_name(name: str) -> str:
     """"checkpoint" or "preset"; ValueError (cheap, before any loading) if it is neither."""
+    from vla_prune import CHECKPOINTS
     from vla_prune.models.presets import PRESETS
 
-    if Path(name).is_dir():
+    if Path(name).is_dir() or (CHECKPOINTS / name / "config.json").is_file():
         return "checkpoint"
     if name in PRESETS:
         return "preset"

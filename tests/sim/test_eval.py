@@ -245,7 +245,7 @@ def test_eval_config_from_yaml_and_overrides():
 
     cfg = load_eval_config(REPO / "configs/eval/embedded.yaml")
     assert cfg.suite == "embedded" and cfg.tasks == ("press", "push", "pick_place", "stack")
-    assert cfg.policy == "checkpoints/embedded-openvla" and cfg.unnorm_key == "embedded"
+    assert cfg.policy == "embedded-openvla" and cfg.unnorm_key == "embedded"
     assert [r.prune.method for r in cfg.runs] == ["none", "vla-pruner", "fastv"]
     cfg = load_eval_config(REPO / "configs/eval/embedded.yaml", episodes=3, policy="x")
     assert (cfg.episodes, cfg.policy, cfg.seeds) == (3, "x", [0, 1, 2])
