@@ -104,3 +104,31 @@ def test_probe_after_pruning_zeroes_dropped_tokens():
     assert probe[..., dropped].abs().max().item() == 0.0
     assert probe[..., kept].min().item() > 0.0
     assert probe.sum(-1).max().item() < 1.0  # the rest of the mass sits on BOS/text keys
+
+
+def test_prefill_probe_after_the_pruning_point():
+    """Row -1 (the last prompt token) probed at a layer after K sees only kept visual keys."""
+    policy = tiny_policy(6)
+    embeds = _embeds(policy, random_image(6), "press the yellow button")
+    kept = torch.arange(0, 256, 4)
+    engine = policy.engine
+    engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, prune_layer=1,
+                   prune_hook=lambda ctx: kept[None], record_layers=(3,))
+    ctx = engine.last_context
+    assert ctx.hidden_in[3].shape[1] == embeds.shape[1] - 256 + 64
+    got = ctx.attention(3, torch.tensor([[-1]]))[0, :, 0]  # [H, 256]
+    # eager attention of layer 3 on the same (pruned) layer input, last row, kept columns
+    lm = policy.model.language_model
+    cfg = copy.deepcopy(lm.config)
+    cfg._attn_implementation = "eager"
+    attn = type(lm.model.layers[3].self_attn)(cfg, 3).eval()
+    attn.load_state_dict(lm.model.layers[3].self_attn.state_dict())
+    h, pos = ctx.hidden_in[3], ctx.positions_in[3]
+    t = h.shape[1]
+    causal = torch.full((t, t), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        x = lm.model.layers[3].input_layernorm(h)
+        _, w = attn(x, position_embeddings=lm.model.rotary_emb(x, pos), attention_mask=causal)
+    want = torch.zeros_like(got)
+    want[:, kept] = w[0, :, -1, 1 : 1 + 64]
+    assert (got - want).abs().max().item() < 1e-6

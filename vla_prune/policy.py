@@ -28,7 +28,19 @@ from .runtime.timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-STAGES = ("preprocess", "vision", "projector", "prefill", "prune", "decode", "post", "total")
+# "decode" is OpenVLA's token decoding; diffusion heads (CogACT) report "action_head" instead.
+STAGES = (
+    "preprocess", "vision", "projector", "prefill", "prune", "decode", "action_head", "post",
+    "total",
+)
+
+
+@dataclass
+class HeadOutput:
+    normalized: np.ndarray  # [B, chunk, action_dim] in [-1, 1]
+    action_tokens: np.ndarray | None = None  # [B, action_dim] (token-decoding heads)
+    action_scores: torch.Tensor | None = None  # [B, N] action-level attention this step
+    extra: dict[str, Any] = field(default_factory=dict)  # per-sample extras ([B, ...] each)
 
 
 @dataclass
@@ -93,14 +105,27 @@ class Policy:
             raise ValueError(f"unknown unnorm_key {key!r}; this checkpoint has {keys}")
         return key
 
-    def configure(self, prune: PruneConfig | None = None, unnorm_key: str | None = None) -> Policy:
+    def configure(
+        self,
+        prune: PruneConfig | None = None,
+        unnorm_key: str | None = None,
+        reset: bool = True,
+    ) -> Policy:
+        """Set the pruning configuration and/or dataset statistics.
+
+        reset=False keeps the episode's temporal history (a latency controller changing the
+        budget mid-episode); otherwise this starts a new episode, like reset().
+        """
         if prune is not None:
             pruner = make_pruner(prune)  # validates the method name
             prune.resolve_layers(self.config.num_layers)  # validates layer indices
+            if not reset and prune.window != self.prune_config.window:
+                raise ValueError("changing the temporal window needs reset=True")
             self.prune_config, self._pruner = prune, pruner
         if unnorm_key is not None:
             self.unnorm_key = self._check_unnorm_key(unnorm_key)
-        self.reset()
+        if reset:
+            self.reset()
         return self
 
     def reset(self) -> None:
@@ -190,59 +215,66 @@ class Policy:
             prune_ms[0] = (time.perf_counter() - t0) * 1e3
             return kept
 
-        n_act = self.config.action_dim
         with timer.stage("prefill"):
-            logits, kept = self.engine.prefill(
+            last, kept = self.engine.prefill(
                 embeds,
                 pad,
-                n_act,
+                self.max_new_tokens,
                 prune_layer=k_layer,
                 prune_hook=hook,
-                record_layers=(sem_layer,) if needs & {"semantic", "text_attention"} else (),
+                record_layers=self._record_layers(sem_layer, act_layer),
+                output=self.prefill_output,
             )
-        with timer.stage("decode"):
-            token_ids, action_scores = self._decode_actions(
-                logits, act_layer if "action" in needs else None
-            )
-        # "prune" = scoring + selection: the hook at layer K and the probes during decode.
+        with timer.stage(self.head_stage):
+            head = self._action_head(last, act_layer if "action" in needs else None)
+        # "prune" = scoring + selection: the hook at layer K and the attention probes after it.
         timer.ms["prefill"] -= prune_ms[0]
-        timer.ms["decode"] -= self.engine.probe_ms
+        timer.ms[self.head_stage] -= self.engine.probe_ms
         timer.ms["prune"] = prune_ms[0] + self.engine.probe_ms
         with timer.stage("post"):
-            normalized = self.action_tokenizer.decode(token_ids)  # [B, action_dim]
-            stats = self.norm_stats[self.unnorm_key]["action"]
-            actions = unnormalize(normalized, stats)
+            actions = self._postprocess(head.normalized)
             for i in range(b):
-                if action_scores is not None:
-                    self._histories[i].push(action_scores[i].float().cpu())
+                if head.action_scores is not None:
+                    self._histories[i].push(head.action_scores[i].float().cpu())
                 self._steps[i] += 1
         timings = timer.finish()
         n_kept = kept.shape[1] if kept is not None else self.config.num_patches
         return [
             StepResult(
-                actions=actions[i : i + 1],
-                action_tokens=token_ids[i],
+                actions=actions[i],
+                action_tokens=None if head.action_tokens is None else head.action_tokens[i],
                 timings_ms=timings,
                 kept_visual_tokens=n_kept,
-                normalized_actions=normalized[i : i + 1],
+                normalized_actions=head.normalized[i],
                 kept_indices=None if kept is None else kept[i].cpu().numpy(),
                 semantic_scores=_np(report.get("semantic"), i),
-                action_scores=_np(action_scores, i),
+                action_scores=_np(head.action_scores, i),
                 smoothed_action_scores=_np(report.get("action"), i),
                 origin=_np(report.get("origin"), i),
+                extra={k: v[i] for k, v in head.extra.items()},
             )
             for i in range(b)
         ]
 
-    def _decode_actions(
-        self, logits: torch.Tensor, probe_layer: int | None
-    ) -> tuple[np.ndarray, torch.Tensor | None]:
-        """OpenVLA's action head: greedy decode of action_dim tokens (argmax over the whole
-        vocabulary, as upstream). With `probe_layer`, also the action-level score: each decode
-        query's attention to the visual tokens at that layer, averaged over heads and steps.
+    # -- the action head: OpenVLA's here; other policies override these four -------------------
 
-        This is the seam for other action heads: CogACT has no decode and scores with its
-        cognition token instead.
+    prefill_output = "logits"  # what the head needs from the prefill: "logits" | "hidden"
+    head_stage = "decode"  # its timing stage
+
+    @property
+    def max_new_tokens(self) -> int:
+        """KV-cache rows to reserve after the prefill."""
+        return self.config.action_dim
+
+    def _record_layers(self, sem_layer: int, act_layer: int) -> tuple[int, ...]:
+        """Layers whose prefill inputs the attention probe will need."""
+        return (sem_layer,) if self._pruner.needs & {"semantic", "text_attention"} else ()
+
+    def _action_head(self, logits: torch.Tensor, probe_layer: int | None) -> HeadOutput:
+        """Greedy decode of action_dim tokens (argmax over the whole vocabulary, as upstream).
+
+        With `probe_layer`, also the action-level score: each decode query's attention to the
+        visual tokens at that layer, averaged over heads and decode steps.
         """
         tokens, probes = [logits.argmax(-1)], []
         for _ in range(self.config.action_dim - 1):
@@ -250,8 +282,14 @@ class Policy:
             tokens.append(logits.argmax(-1))
             if probe is not None:
                 probes.append(probe.mean(dim=1))  # heads -> [B, N]
+        token_ids = torch.stack(tokens, dim=1).cpu().numpy()
+        normalized = self.action_tokenizer.decode(token_ids)[:, None]  # [B, 1, action_dim]
         scores = torch.stack(probes).mean(0) if probes else None
-        return torch.stack(tokens, dim=1).cpu().numpy(), scores
+        return HeadOutput(normalized, token_ids, scores)
+
+    def _postprocess(self, normalized: np.ndarray) -> np.ndarray:
+        """[B, chunk, dim] in [-1, 1] -> robot actions (un-normalized with q01/q99)."""
+        return unnormalize(normalized, self.norm_stats[self.unnorm_key]["action"])
 
     def _embed(self, patches: torch.Tensor, ids: list[torch.Tensor]):
         """Left-pad to a common length: [pad, BOS, visual, text] per sample."""

@@ -32,6 +32,8 @@ class PrefillContext:
     pad: torch.Tensor  # [B] left-padding rows per sample
     num_visual: int
     hidden_in: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its input [B,T,D]
+    # layer -> position ids of its rows (layers from the pruning point on hold fewer rows)
+    positions_in: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def vis_start(self) -> torch.Tensor:  # [B] row of visual token 0 (after padding and BOS)
@@ -43,11 +45,17 @@ class PrefillContext:
         return self.embeds.gather(1, idx[..., None].expand(-1, -1, self.embeds.shape[-1]))
 
     def attention(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Attention of prefill rows [B, R] at `layer` over the visual tokens -> [B, H, R, N]."""
+        """Attention of rows [B, R] of `layer`'s input over the visual tokens -> [B, H, R, N].
+
+        Rows index that layer's sequence: after the pruning point it holds only the kept rows
+        (the last prompt token is row -1 everywhere). Pruned visual tokens get 0.
+        """
         if layer not in self.hidden_in:
-            raise ValueError(f"layer {layer} was not recorded before the pruning point")
-        h = self.hidden_in[layer].gather(1, rows[..., None].expand(-1, -1, self.embeds.shape[-1]))
-        pos = self.positions.gather(1, rows)
+            raise ValueError(f"layer {layer} was not recorded (pass it in record_layers)")
+        hidden = self.hidden_in[layer]
+        rows = rows % hidden.shape[1]
+        h = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+        pos = self.positions_in[layer].gather(1, rows)
         return self.engine.probe(layer, h, pos)
 
 
@@ -140,8 +148,10 @@ class LlamaEngine:
         prune_layer: int | None = None,
         prune_hook: PruneHook | None = None,
         record_layers: Iterable[int] = (),
+        output: str = "logits",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the prompt. Returns (last-position logits [B, V], kept visual indices or None).
+        """Run the prompt. Returns (last-position logits [B, V] — or with output="hidden" its
+        final-norm hidden state [B, D] — and the kept visual indices or None).
 
         embeds: [B, T, D], left-padded by `pad` [B] rows: [pad, BOS, N visual, text].
         """
@@ -181,11 +191,13 @@ class LlamaEngine:
                     mask = _prefill_mask(valid) if cache.has_padding else None
                     cos, sin = self._rotary(h, pos)
             if i in record:
-                ctx.hidden_in[i] = h
+                ctx.hidden_in[i], ctx.positions_in[i] = h, pos
             h = self._layer(i, h, cos, sin, mask, start=0)
         self.next_pos = pos[:, -1] + 1
         self.last_context = ctx
         self.probe_ms = 0.0  # time the decode steps spend in the attention probe
+        if output == "hidden":
+            return self.lm.model.norm(h[:, -1]), kept
         return self._logits(h[:, -1]), kept
 
     @torch.inference_mode()
