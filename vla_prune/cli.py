@@ -56,6 +56,8 @@ def cmd_info(args) -> int:
         print(f"  params {name:<16}{n:>16,}")
     for stage, f in {**flops.stages, "total": flops.total}.items():
         print(f"  GFLOPs {stage:<16}{f / 1e9:>16.2f}")
+    if args.per_layer:
+        _print_layers(cfg, flops, n_text, kept, k)
     if args.out:
         _write_json(
             args.out,
@@ -97,6 +99,9 @@ def cmd_profile(args) -> int:
         f"{args.dtype} | threads {torch.get_num_threads()}"
     )
     print(format_table(summary, stage_flops))
+    if args.per_layer:
+        _print_layers(policy.config, flops, n_text, n_kept if n_kept < policy.config.num_patches
+                      else None, k)
     result = {
         "policy": policy.config.name,
         "prune": prune.__dict__,
@@ -107,6 +112,7 @@ def cmd_profile(args) -> int:
         "machine": machine_info(args.device),
         "summary_ms": summary,
         "flops": stage_flops,
+        "flops_per_layer": {"prefill": flops.prefill_layers, "decode": flops.decode_layers},
         "timings_ms": timings,
     }
     if args.out:
@@ -216,6 +222,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _print_layers(cfg, flops, n_text: int, kept: int | None, k_layer: int) -> None:
+    """Per decoder layer: rows it runs on in prefill, its prefill and decode GFLOPs."""
+    t = n_text + cfg.num_patches
+    print(f"{'layer':>5}{'rows':>7}{'prefill GF':>12}{'decode GF':>11}")
+    for i, (pf, dc) in enumerate(zip(flops.prefill_layers, flops.decode_layers)):
+        rows = t if kept is None or i < k_layer else t - cfg.num_patches + kept
+        print(f"{i:>5}{rows:>7}{pf / 1e9:>12.3f}{dc / 1e9:>11.4f}")
+
+
 def _write_json(path: str, data: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--instruction", default="pick up the red block")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--out", default=None, help="write results as JSON here")
+        sp.add_argument("--per-layer", action="store_true", help="FLOPs and rows per LLM layer")
 
     prof = sub.add_parser("profile", help="per-stage latency of control steps")
     common(prof)

@@ -32,6 +32,9 @@ class PruneConfig:
     warmup: int | None = None  # steps after reset() without pruning; default = window
     seed: int = 0
     indices: tuple[int, ...] | None = None  # method "fixed": keep exactly these visual tokens
+    # SparseVLM-style token recycling: the dropped visual tokens, weighted by their score, are
+    # merged into one token that stays in the sequence (after the kept ones).
+    recycle: bool = False
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import PruneConfig
-from .engine.runner import LlamaEngine, PrefillContext
+from .engine.runner import LlamaEngine, PrefillContext, PruneDecision
 from .models.openvla import ActionTokenizer, build_prompt, unnormalize
 from .models.prismatic import OpenVLAModel
 from .preprocess import InputError, image_to_pixels, validate_image, validate_instruction
@@ -304,7 +304,9 @@ class Policy:
             pads.append(n_pad)
         return torch.stack(rows), torch.tensor(pads, device=patches.device)
 
-    def _select(self, ctx: PrefillContext, sem_layer: int, report: dict) -> torch.Tensor | None:
+    def _select(
+        self, ctx: PrefillContext, sem_layer: int, report: dict
+    ) -> torch.Tensor | PruneDecision | None:
         """Compute what the pruner needs, ask it per sample, stack the kept indices."""
         cfg, needs, n = self.prune_config, self._pruner.needs, self.config.num_patches
         b, t = ctx.embeds.shape[:2]
@@ -368,7 +370,16 @@ class Policy:
             raise RuntimeError("pruner kept all tokens for some batch slots but not others")
         if origins and all(o is not None for o in origins):
             report["origin"] = torch.stack(origins)
-        return torch.stack([k.to(dev) for k in kept])
+        kept_t = torch.stack([k.to(dev) for k in kept])
+        if not cfg.recycle:
+            return kept_t
+        if semantic is not None:
+            score = semantic
+        elif text_attention is not None:  # mean over each sample's own text rows
+            score = (text_attention * is_text[..., None]).sum(1) / is_text.sum(1)[:, None]
+        else:
+            score = torch.ones(b, n, device=dev)
+        return _recycled(ctx, kept_t, score)
 
     # -- persistence --------------------------------------------------------------------------
 
@@ -376,6 +387,23 @@ class Policy:
         from .models.checkpoints import save_openvla
 
         return save_openvla(self, Path(path))
+
+
+def _recycled(ctx: PrefillContext, kept: torch.Tensor, score: torch.Tensor) -> PruneDecision:
+    """SparseVLM-style recycling: the dropped tokens' hidden states at layer K, weighted by
+    their score, merged into one token placed after the kept ones (at the last visual
+    position)."""
+    n = ctx.num_visual
+    merged, positions = [], []
+    for b in range(kept.shape[0]):
+        dropped = torch.ones(n, dtype=torch.bool, device=kept.device)
+        dropped[kept[b]] = False
+        rows = int(ctx.vis_start[b]) + dropped.nonzero().squeeze(1)
+        w = score[b, dropped].float().clamp_min(0)
+        w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
+        merged.append((w[:, None] * ctx.current[b, rows].float()).sum(0))
+        positions.append(ctx.positions[b, int(ctx.vis_start[b]) + n - 1])
+    return PruneDecision(kept, torch.stack(merged).to(ctx.current.dtype), torch.stack(positions))
 
 
 def _grid(n: int) -> tuple[int, int]:

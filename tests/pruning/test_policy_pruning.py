@@ -109,3 +109,37 @@ def test_every_method_prunes_to_the_budget_in_the_policy(method):
     r = policy.step(random_image(0), "press the yellow button")
     assert r.kept_visual_tokens == 32
     assert len(np.unique(r.kept_indices)) == 32 and (np.diff(r.kept_indices) > 0).all()
+
+
+def test_sparsevlm_recycling_adds_one_merged_token():
+    policy = tiny_policy(12)
+    image, instruction = random_image(7), "stack the red cube on the blue cylinder"
+    policy.configure(prune=PruneConfig(method="sparsevlm", keep_ratio=0.25))
+    plain = policy.step(image, instruction)
+    t = policy.prepare(image, instruction)["input_ids"].shape[1] + 256
+    k_layer = policy.prune_config.resolve_layers(policy.config.num_layers)[0]
+    assert policy.engine.cache.length[k_layer] == t - 256 + 64 + 6
+
+    policy.configure(prune=PruneConfig(method="sparsevlm", keep_ratio=0.25, recycle=True))
+    recycled = policy.step(image, instruction)
+    cache = policy.engine.cache
+    assert cache.length[k_layer] == t - 256 + 64 + 1 + 6  # one merged row more
+    assert cache.length[k_layer - 1] == t + 6
+    np.testing.assert_array_equal(plain.kept_indices, recycled.kept_indices)
+    # the merged row is a real (valid, non-visual) row right after the kept visual ones
+    _, valid, vis = cache.rows(k_layer)
+    assert valid[0, 1 + 64] and vis[0, 1 + 64] == -1 and (vis[0, 1 : 1 + 64] >= 0).all()
+    # it changes the computation (else recycling would be a no-op): same kept set, other logits
+    inputs = policy.prepare(image, instruction)
+    with torch.no_grad():
+        embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
+    pad = torch.zeros(1, dtype=torch.long)
+    kept = torch.as_tensor(plain.kept_indices)[None]
+    logits_plain, _ = policy.engine.prefill(embeds, pad, 7, k_layer, lambda ctx: kept)
+    logits_merged, _ = policy.engine.prefill(
+        embeds, pad, 7, k_layer, lambda ctx: policy._select(ctx, k_layer - 1, {})
+    )
+    assert (logits_plain - logits_merged).abs().max().item() > 1e-4
+    # nothing dropped -> nothing merged
+    policy.configure(prune=PruneConfig(method="sparsevlm", keep_ratio=1.0, recycle=True))
+    assert policy.step(image, instruction).kept_visual_tokens == 256

@@ -37,6 +37,7 @@ class KVCache:
             torch.full((batch, max_len), -1, dtype=torch.long, device=device) for _ in range(2)
         ]
         self.has_padding = False
+        self._visual_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fits(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
         k = self.k[0]
@@ -48,6 +49,7 @@ class KVCache:
         )
 
     def set_rows(self, group: int, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor):
+        self._visual_cols.pop(group, None)
         n = pos.shape[1]
         self.pos[group][:, :n] = pos
         self.valid[group][:, :n] = valid
@@ -64,6 +66,19 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         self.length[layer] = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def visual_columns(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cache columns [B, n], visual token ids [B, n]) of the visual rows at `layer`.
+
+        Every sample holds the same number of visual rows (the budget), so this stacks; it is
+        computed once per prefill per group (decode appends text rows only).
+        """
+        g = self.group[layer]
+        if g not in self._visual_cols:
+            _, _, vis = self.rows(layer)
+            cols = torch.stack([(v >= 0).nonzero().squeeze(1) for v in vis])
+            self._visual_cols[g] = (cols, vis.gather(1, cols))
+        return self._visual_cols[g]
 
     def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(positions, valid, visual index) of the rows cached at `layer`."""

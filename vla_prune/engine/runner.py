@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from .attention_probe import attention_rows, to_visual
+from .attention_probe import attention_from_queries, attention_rows, to_visual
 from .kv_cache import KVCache
 from .rope import apply_rope
 
@@ -32,6 +32,7 @@ class PrefillContext:
     pad: torch.Tensor  # [B] left-padding rows per sample
     num_visual: int
     hidden_in: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its input [B,T,D]
+    current: torch.Tensor | None = None  # [B, T, D] the hidden states entering layer K
     # layer -> position ids of its rows (layers from the pruning point on hold fewer rows)
     positions_in: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -59,9 +60,19 @@ class PrefillContext:
         return self.engine.probe(layer, h, pos)
 
 
-# A hook gets the context at layer K and returns the kept visual indices [B, k] (sorted), or
-# None to keep everything.
-PruneHook = Callable[[PrefillContext], "torch.Tensor | None"]
+@dataclass
+class PruneDecision:
+    """What a hook decides at layer K: the kept visual tokens, plus optionally one extra token
+    per sample (e.g. the dropped tokens merged into one) placed right after the kept ones."""
+
+    kept: torch.Tensor  # [B, k] sorted visual indices
+    merged: torch.Tensor | None = None  # [B, D] hidden state of the extra token
+    merged_pos: torch.Tensor | None = None  # [B] its RoPE position id
+
+
+# A hook gets the context at layer K and returns the kept visual indices [B, k] (sorted), a
+# PruneDecision, or None to keep everything.
+PruneHook = Callable[[PrefillContext], "torch.Tensor | PruneDecision | None"]
 
 
 class LlamaEngine:
@@ -82,7 +93,7 @@ class LlamaEngine:
     def _rotary(self, h: torch.Tensor, pos: torch.Tensor):
         return self.lm.model.rotary_emb(h, pos)
 
-    def _layer(self, idx: int, h, cos, sin, mask, start: int):
+    def _layer(self, idx: int, h, cos, sin, mask, start: int, want_q: bool = False):
         layer = self.layers[idx]
         attn = layer.self_attn
         b, t, _ = h.shape
@@ -101,7 +112,8 @@ class LlamaEngine:
             enable_gqa=self.kv_heads != self.num_heads,
         )
         h = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return (h, q) if want_q else h
 
     def _clock(self) -> float:
         if self.cache.k[0].is_cuda:  # charge the probe only its own kernels
@@ -177,15 +189,21 @@ class LlamaEngine:
         cos, sin = self._rotary(h, pos)
         for i in range(len(self.layers)):
             if i == prune_layer and prune_hook is not None:
-                kept = prune_hook(ctx)
+                ctx.current = h
+                decision = prune_hook(ctx)
+                if isinstance(decision, torch.Tensor):
+                    decision = PruneDecision(decision)
+                kept = None if decision is None else decision.kept
                 if kept is not None:
                     rows = _kept_rows(pad, kept, self.num_visual, t)
                     h = h.gather(1, rows[..., None].expand(-1, -1, d))
-                    pos, valid, vis = (
-                        pos.gather(1, rows),
-                        valid.gather(1, rows),
-                        vis.gather(1, rows),
-                    )
+                    pos, valid, vis = (x.gather(1, rows) for x in (pos, valid, vis))
+                    if decision.merged is not None:
+                        at = pad + 1 + kept.shape[1]  # right after the kept visual rows
+                        h, pos, valid, vis = _insert_row(
+                            at, (h, decision.merged), (pos, decision.merged_pos),
+                            (valid, True), (vis, -1),
+                        )
                     cache.set_rows(1, pos, valid, vis)
                     cache.group[i:] = [1] * (len(self.layers) - i)
                     mask = _prefill_mask(valid) if cache.has_padding else None
@@ -219,12 +237,14 @@ class LlamaEngine:
             if cache.has_padding:
                 valid = cache.valid[cache.group[i]][:, : cache.length[i] + 1]
                 mask = valid[:, None, None, :]
-            h_in = h
-            h = self._layer(i, h, cos, sin, mask, start=cache.length[i])
-            if i == probe_layer:
-                t0 = self._clock()
-                probe = self.probe(i, h_in, pos)[:, :, 0]
-                self.probe_ms += (self._clock() - t0) * 1e3
+            if i != probe_layer:
+                h = self._layer(i, h, cos, sin, mask, start=cache.length[i])
+                continue
+            h, q = self._layer(i, h, cos, sin, mask, start=cache.length[i], want_q=True)
+            t0 = self._clock()  # the new token's q is at hand: its attention costs one matmul
+            attn = attention_from_queries(q, cache, i, pos)
+            probe = to_visual(attn, cache, i, self.num_visual)[:, :, 0]
+            self.probe_ms += (self._clock() - t0) * 1e3
         self.next_pos = self.next_pos + 1
         return self._logits(h[:, -1]), probe
 
@@ -235,6 +255,20 @@ def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
     eye = torch.eye(t, dtype=torch.bool, device=valid.device)
     return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+
+
+def _insert_row(at: torch.Tensor, *pairs):
+    """Insert one row per sample at index at[b] into each [B, T, ...] tensor of `pairs`
+    ((tensor, value per sample [B, ...] or a scalar)) -> the tensors with T + 1 rows."""
+    out = []
+    for x, value in pairs:
+        rows = []
+        for b in range(x.shape[0]):
+            v = value[b] if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=x.dtype)
+            i = int(at[b])
+            rows.append(torch.cat([x[b, :i], v.to(x)[None], x[b, i:]]))
+        out.append(torch.stack(rows))
+    return out
 
 
 def _kept_rows(pad: torch.Tensor, kept: torch.Tensor, num_visual: int, t: int) -> torch.Tensor:

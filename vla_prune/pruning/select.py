@@ -5,6 +5,7 @@ Ties always go to the LOWER token index, so a selection never depends on the sor
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -61,14 +62,17 @@ def maxmin_diversity(
     nn.fill_diagonal_(float("inf"))
     first = int(torch.argmax(nn.min(dim=1).values))  # m == 1: inf, still picks the one
 
+    # The greedy loop is k tiny steps: numpy does each in ~1 us where torch ops cost ~10 us
+    # (and a GPU would sync on every argmax anyway). One copy of the [m, m] matrix off-device.
+    d = dist.cpu().numpy()
     picks = [first]
-    mind = dist[first].clone()  # running min distance of every candidate to the chosen set
-    mind[first] = float("-inf")  # chosen ones can't be picked again, even among duplicates
+    mind = d[first].copy()  # running min distance of every candidate to the chosen set
+    mind[first] = -np.inf  # chosen ones can't be picked again, even among duplicates
     for _ in range(k - 1):
-        j = int(torch.argmax(mind))
+        j = int(np.argmax(mind))  # first maximum -> ties go to the lowest index
         picks.append(j)
-        mind = torch.minimum(mind, dist[j])
-        mind[j] = float("-inf")
+        np.minimum(mind, d[j], out=mind)
+        mind[j] = -np.inf
 
     order = cand[torch.tensor(picks, device=dev)]
     return order if return_order else order.sort().values
