@@ -47,9 +47,13 @@ class RunConfig:
     label: str
     policy: str | None = None
     prune: PruneConfig = field(default_factory=PruneConfig)
+    # Honesty control: the policy sees a constant gray frame instead of the camera (the blind
+    # checkpoint is trained the same way: sim.train --blind).
+    blind: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "policy": self.policy, "prune": prune_dict(self.prune)}
+        d = {"label": self.label, "policy": self.policy, "prune": prune_dict(self.prune)}
+        return {**d, "blind": True} if self.blind else d
 
 
 @dataclass
@@ -169,7 +173,7 @@ def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
         return parse_run_spec(entry)
     if not isinstance(entry, dict) or "label" not in entry:
         raise ValueError(f"{source}: configuration {entry!r} needs a label (or be a spec string)")
-    unknown = sorted(set(entry) - {"label", "policy", "prune"})
+    unknown = sorted(set(entry) - {"label", "policy", "prune", "blind"})
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown} in configuration {entry['label']!r}")
     prune = entry.get("prune") or {}
@@ -177,7 +181,10 @@ def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
         prune = load_yaml(PruneConfig, prune)
     else:
         prune = from_dict(PruneConfig, prune, source=f"{source}: {entry['label']}")
-    return RunConfig(str(entry["label"]), entry.get("policy"), _check_method(prune, source))
+    return RunConfig(
+        str(entry["label"]), entry.get("policy"), _check_method(prune, source),
+        blind=bool(entry.get("blind", False)),
+    )
 
 
 def parse_runs(text: str) -> tuple[RunConfig, ...]:

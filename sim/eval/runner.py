@@ -145,8 +145,12 @@ def _median_p99(values: list[float]) -> dict[str, float]:
     return {"median": round(stats["median"], 3), "p99": round(stats["p99"], 3)}
 
 
-def run_episode(env, policy, seed: int, max_steps: int, video: bool = False) -> dict[str, Any]:
-    """One episode from env.reset(seed); returns the record fields measured here (+ frames)."""
+def run_episode(
+    env, policy, seed: int, max_steps: int, video: bool = False, blind: bool = False
+) -> dict[str, Any]:
+    """One episode from env.reset(seed); returns the record fields measured here (+ frames).
+
+    blind: the policy gets a constant gray frame (the blind honesty control)."""
     obs, info = env.reset(seed=seed)
     policy.reset()
     first = obs_hash(obs)
@@ -157,7 +161,8 @@ def run_episode(env, policy, seed: int, max_steps: int, video: bool = False) -> 
     steps, done = 0, False
     t0 = time.perf_counter()
     while not done:
-        result = policy.step(obs["image"], obs["instruction"])
+        image = np.full_like(obs["image"], 128) if blind else obs["image"]
+        result = policy.step(image, obs["instruction"])
         timings.append(result.timings_ms)
         kept.append(result.kept_visual_tokens)
         for action in result.actions:  # execute the whole chunk (OpenVLA: one action)
@@ -290,7 +295,7 @@ def run_eval(
                     env, env_task = make_env(cfg.suite, task, **env_kw), task
                 policy = policy_for(run, env, seed)
                 limit = cfg.max_steps or env.max_episode_steps
-                ep = run_episode(env, policy, seed, limit, video=cfg.video)
+                ep = run_episode(env, policy, seed, limit, video=cfg.video, blind=run.blind)
                 frames = ep.pop("frames")
                 video = None
                 if frames:

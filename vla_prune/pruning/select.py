@@ -51,20 +51,21 @@ def maxmin_diversity(
     """
     n = embeddings.shape[0]
     dev = embeddings.device
-    cand = torch.arange(n, device=dev) if candidates is None else candidates.to(dev).long().unique()
+    cand = np.arange(n) if candidates is None else np.unique(candidates.cpu().numpy())
     m = cand.shape[0]
     k = max(0, min(int(k), m))
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=dev)
 
-    dist = cosine_distance(embeddings[cand])  # [m, m], computed once
-    nn = dist.clone()
-    nn.fill_diagonal_(float("inf"))
-    first = int(torch.argmax(nn.min(dim=1).values))  # m == 1: inf, still picks the one
+    # A few hundred tokens: numpy does each of the k tiny greedy steps in ~1 us where torch
+    # ops cost ~10 us (and a GPU would sync on every argmax anyway). One copy off the device.
+    e = embeddings.detach().float().cpu().numpy()[cand]
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    d = 1.0 - e @ e.T  # [m, m] cosine distance, computed once
+    nn = d.copy()
+    np.fill_diagonal(nn, np.inf)
+    first = int(np.argmax(nn.min(axis=1)))  # m == 1: inf, still picks the one
 
-    # The greedy loop is k tiny steps: numpy does each in ~1 us where torch ops cost ~10 us
-    # (and a GPU would sync on every argmax anyway). One copy of the [m, m] matrix off-device.
-    d = dist.cpu().numpy()
     picks = [first]
     mind = d[first].copy()  # running min distance of every candidate to the chosen set
     mind[first] = -np.inf  # chosen ones can't be picked again, even among duplicates
@@ -74,5 +75,5 @@ def maxmin_diversity(
         np.minimum(mind, d[j], out=mind)
         mind[j] = -np.inf
 
-    order = cand[torch.tensor(picks, device=dev)]
+    order = torch.as_tensor(cand[picks], dtype=torch.long, device=dev)
     return order if return_order else order.sort().values
