@@ -13,7 +13,7 @@ import vla_prune
 from tests.conftest import random_image, tiny_policy
 
 
-def reference_pruned(policy, image, instruction, k_layer, kept):
+def reference_pruned(policy, image, instruction, k_layer, kept, skip=()):
     lm = policy.model.language_model
     inputs = policy.prepare(image, instruction)
     with torch.no_grad():
@@ -23,7 +23,8 @@ def reference_pruned(policy, image, instruction, k_layer, kept):
         rows = torch.cat([torch.tensor([0]), 1 + torch.tensor(kept), torch.arange(257, t)])
         cache = DynamicCache()
         h = embeds
-        for i, layer in enumerate(lm.model.layers):
+        layers = [(i, x) for i, x in enumerate(lm.model.layers) if i not in skip]
+        for i, layer in layers:
             if i == k_layer:
                 h, pos = h[:, rows], pos[:, rows]
             h = _run(layer, lm, h, pos, cache)
@@ -38,7 +39,7 @@ def reference_pruned(policy, image, instruction, k_layer, kept):
                 break
             h = lm.model.embed_tokens(tok[:, None])
             p = torch.tensor([[next_pos]])
-            for layer in lm.model.layers:
+            for _, layer in layers:
                 h = _run(layer, lm, h, p, cache)
             step_logits = lm.lm_head(lm.model.norm(h[:, -1]))
             next_pos += 1

@@ -1,4 +1,4 @@
-"""`vla-prune` command line: profile, info (and eval / bench / ros-node as they land)."""
+"""`vla-prune` command line: profile, info, viz, eval, ros-node."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def cmd_profile(args) -> int:
         torch.set_num_threads(args.threads)
     policy = _load(args.policy, args.device, args.dtype, args.seed)
     prune = _prune_config(args)
-    policy.configure(prune=prune)
+    skips = _skip_layers(args)
+    policy.configure(prune=prune, skip_layers=skips)
     rng = np.random.default_rng(args.seed)
     size = policy.config.image_size
     timings, kept = [], []
@@ -90,12 +91,13 @@ def cmd_profile(args) -> int:
     n_text = policy.prepare(image, args.instruction)["input_ids"].shape[1]
     k, _, _ = prune.resolve_layers(policy.config.num_layers)
     n_kept = int(np.median(kept))
-    flops = step_flops(policy.config, n_text, n_kept, k)
+    flops = step_flops(policy.config, n_text, n_kept, k, skip_layers=frozenset(skips or ()))
     stage_flops = {**flops.stages, "total": flops.total}
     stage_flops["decode"] += stage_flops.pop("lm_head")  # the timer's decode includes it
     print(
         f"policy {policy.config.name} | pruner {prune.method} keep {n_kept}/"
-        f"{policy.config.num_patches} | {args.steps} steps | device {args.device} "
+        f"{policy.config.num_patches} | skip {sorted(skips or [])} | {args.steps} steps | "
+        f"device {args.device} "
         f"{args.dtype} | threads {torch.get_num_threads()}"
     )
     print(format_table(summary, stage_flops))
@@ -113,6 +115,7 @@ def cmd_profile(args) -> int:
         "summary_ms": summary,
         "flops": stage_flops,
         "flops_per_layer": {"prefill": flops.prefill_layers, "decode": flops.decode_layers},
+        "skip_layers": sorted(skips or []),
         "timings_ms": timings,
     }
     if args.out:
@@ -194,6 +197,64 @@ def cmd_viz(args) -> int:
     return 0
 
 
+def _calibration_frames(args):
+    """(image, instruction) pairs: every `every`-th frame of scripted-expert episodes of the
+    embedded suite (seeds from 1,000,000: never evaluation scenes), or PNGs from a folder."""
+    if args.images:
+        from PIL import Image
+
+        files = sorted(Path(args.images).glob("*.png"))
+        if not files:
+            raise ValueError(f"no PNG images in {args.images}")
+        return [(np.asarray(Image.open(f).convert("RGB")), args.instruction) for f in files]
+    if not _require_sim("calibrate"):
+        raise ValueError('calibration from the embedded suite needs pip install -e ".[sim]"')
+    from sim.envs import make_env
+    from sim.experts import expert_for
+
+    frames = []
+    for task in args.tasks.split(","):
+        env = make_env("embedded", task)
+        try:
+            for ep in range(args.episodes):
+                obs, _ = env.reset(seed=1_000_000 + ep)
+                expert = expert_for(env)
+                for t in range(env.max_episode_steps):
+                    if t % args.every == 0:
+                        frames.append((obs["image"], obs["instruction"]))
+                    obs, _, terminated, truncated, _ = env.step(expert(obs))
+                    if terminated or truncated:
+                        break
+        finally:
+            env.close()
+    return frames
+
+
+def cmd_calibrate(args) -> int:
+    """Block influence per LLM layer over recorded steps -> a skip list (JSON)."""
+    from vla_prune.caching.layer_skip import choose_skips, record_influence
+
+    policy = _load(args.policy, "cpu", "float32", args.seed)
+    frames = _calibration_frames(args)
+    recording = record_influence(policy, frames)
+    _, sem, act = _prune_config(args).resolve_layers(policy.config.num_layers)
+    skips = choose_skips(recording, args.skip, protect=(sem, act))
+    for i, inf in enumerate(recording.influence):
+        print(f"layer {i:>3}  I = {inf:.5f}{'  skip' if i in skips else ''}")
+    out = args.out or "runs/calibration/skip_layers.json"
+    _write_json(out, {"policy": args.policy, "steps": len(frames), "skip_layers": skips,
+                      "influence": recording.influence.tolist(), "recording": recording.__dict__})
+    return 0
+
+
+def _skip_layers(args) -> list[int] | None:
+    if args.skip_file:
+        return json.loads(Path(args.skip_file).read_text())["skip_layers"]
+    if args.skip_layers:
+        return [int(x) for x in args.skip_layers.split(",")]
+    return None
+
+
 def cmd_eval(args) -> int:
     if not _require_sim("eval"):
         return 2
@@ -231,6 +292,21 @@ def _print_layers(cfg, flops, n_text: int, kept: int | None, k_layer: int) -> No
         print(f"{i:>5}{rows:>7}{pf / 1e9:>12.3f}{dc / 1e9:>11.4f}")
 
 
+def cmd_ros_node(args) -> int:
+    """The ROS 2 policy node and the sim bridge as separate processes (ros_nodes.launcher)."""
+    from ros_nodes import launcher
+
+    try:
+        import rclpy  # noqa: F401
+    except ImportError as e:
+        print(
+            f'vla-prune ros-node needs the ROS 2 extra: pip install -e ".[ros,sim]" ({e})',
+            file=sys.stderr,
+        )
+        return 2
+    return launcher.run_args(args)
+
+
 def _write_json(path: str, data: dict) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="cpu", help="cpu | cuda | meta (meta = counts only)")
     prof.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     prof.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch default)")
+    prof.add_argument("--skip-layers", default=None, help="LLM layers to skip, e.g. 5,9")
+    prof.add_argument("--skip-file", default=None, help="JSON from `vla-prune calibrate`")
     prof.set_defaults(fn=cmd_profile)
+
+    cal = sub.add_parser("calibrate", help="choose LLM layers to skip by block influence")
+    common(cal)
+    cal.add_argument("--skip", type=int, default=1, help="how many layers to skip")
+    cal.add_argument("--tasks", default="press,push,pick_place,stack")
+    cal.add_argument("--episodes", type=int, default=2, help="expert episodes per task")
+    cal.add_argument("--every", type=int, default=5, help="record every n-th frame")
+    cal.add_argument("--images", default=None, help="a folder of PNGs instead of the suite")
+    cal.set_defaults(fn=cmd_calibrate)
 
     viz = sub.add_parser("viz", help="PNGs of the kept tokens over the camera, one per step")
     common(viz)
@@ -304,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(fn=cmd_eval)
+
+    from ros_nodes.launcher import add_arguments as ros_arguments
+
+    ros = sub.add_parser(
+        "ros-node",
+        help="ROS 2 policy node (+ sim bridge) from one parameter file",
+        description="Starts python -m ros_nodes.policy_node and ros_nodes.sim_bridge with "
+        "--params-file; Fast DDS restricted to shared memory on this host unless "
+        "--allow-network. SIGINT / SIGTERM stop both.",
+    )
+    ros_arguments(ros)
+    ros.set_defaults(fn=cmd_ros_node)
     return p
 
 

@@ -110,12 +110,18 @@ class Policy:
         prune: PruneConfig | None = None,
         unnorm_key: str | None = None,
         reset: bool = True,
+        skip_layers: Sequence[int] | None = None,
     ) -> Policy:
-        """Set the pruning configuration and/or dataset statistics.
+        """Set the pruning configuration, dataset statistics and/or LLM layers to skip.
 
         reset=False keeps the episode's temporal history (a latency controller changing the
         budget mid-episode); otherwise this starts a new episode, like reset().
+        skip_layers: decoder layers not run at all (see vla_prune.caching.layer_skip); () = none.
         """
+        if skip_layers is not None:
+            self.engine.skip_layers = self._check_skips(skip_layers, prune or self.prune_config)
+        elif prune is not None:
+            self._check_skips(self.engine.skip_layers, prune)
         if prune is not None:
             pruner = make_pruner(prune)  # validates the method name
             prune.resolve_layers(self.config.num_layers)  # validates layer indices
@@ -127,6 +133,23 @@ class Policy:
         if reset:
             self.reset()
         return self
+
+    def _check_skips(self, skips: Sequence[int], prune: PruneConfig) -> frozenset[int]:
+        n = self.config.num_layers
+        skips = frozenset(int(i) for i in skips)
+        bad = sorted(i for i in skips if not 0 <= i < n)
+        if bad:
+            raise ValueError(f"skip_layers {bad} out of range: the model has {n} layers")
+        _, sem, act = prune.resolve_layers(n)
+        needs = make_pruner(prune).needs
+        probed = ({sem} if needs & {"semantic", "text_attention"} else set()) | (
+            {act} if "action" in needs else set())
+        if skips & probed:
+            raise ValueError(
+                f"cannot skip layers {sorted(skips & probed)}: {prune.method} reads their "
+                "attention (choose other layers or another action_layer/semantic_layer)"
+            )
+        return skips
 
     def reset(self) -> None:
         """New episode: clears the temporal history of every batch slot."""

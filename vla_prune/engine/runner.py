@@ -87,6 +87,7 @@ class LlamaEngine:
         self.cache: KVCache | None = None
         self.next_pos: torch.Tensor | None = None
         self.probe_ms = 0.0
+        self.skip_layers: frozenset[int] = frozenset()  # decoder layers not run at all
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -210,9 +211,12 @@ class LlamaEngine:
                     cos, sin = self._rotary(h, pos)
             if i in record:
                 ctx.hidden_in[i], ctx.positions_in[i] = h, pos
+            if i in self.skip_layers:  # calibrated layer skipping: the residual stream passes
+                continue
             h = self._layer(i, h, cos, sin, mask, start=0)
         self.next_pos = pos[:, -1] + 1
         self.last_context = ctx
+        self.last_output = h  # [B, T', D] the last layer's output (before the final norm)
         self.probe_ms = 0.0  # time the decode steps spend in the attention probe
         if output == "hidden":
             return self.lm.model.norm(h[:, -1]), kept
@@ -228,11 +232,15 @@ class LlamaEngine:
         pos = self.next_pos[:, None]
         h = self.lm.model.embed_tokens(token_ids[:, None])
         for g in set(cache.group):  # each row-metadata group gets the new row once
-            first = cache.group.index(g)
+            first = next(
+                i for i, x in enumerate(cache.group) if x == g and i not in self.skip_layers
+            )
             cache.append_row(g, cache.length[first], pos[:, 0])
         cos, sin = self._rotary(h, pos)
         probe = None
         for i in range(len(self.layers)):
+            if i in self.skip_layers:
+                continue
             mask = None
             if cache.has_padding:
                 valid = cache.valid[cache.group[i]][:, : cache.length[i] + 1]
