@@ -220,6 +220,19 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
+def export(out: str | Path, data: str | None = None) -> Path:
+    """Write the policy of a (possibly unfinished) run's train_state.pt to OUT/policy-step<N>,
+    e.g. to evaluate an intermediate checkpoint while training goes on."""
+    out = Path(out)
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    cfg = TrainConfig(**state["config"])
+    policy = vla_prune.build_policy(cfg.preset, seed=cfg.seed)
+    policy.model.load_state_dict(state["model"])
+    stats = DemoBatches(data or cfg.data, policy, cfg).stats
+    policy.norm_stats, policy.unnorm_key = {UNNORM_KEY: stats}, UNNORM_KEY
+    return policy.save(out / f"policy-step{state['step']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", required=True)

@@ -100,7 +100,18 @@ def cmd_profile(args) -> int:
         f"device {args.device} "
         f"{args.dtype} | threads {torch.get_num_threads()}"
     )
-    print(format_table(summary, stage_flops))
+    nbytes = bound = None
+    if args.roofline:
+        from vla_prune.roofline import bounds_ms, device_peak, stage_bytes
+
+        peak = device_peak(args.device, DTYPES[args.dtype])
+        nbytes = stage_bytes(policy.model, policy.config, n_text, n_kept if n_kept <
+                             policy.config.num_patches else None, k,
+                             torch.finfo(DTYPES[args.dtype]).bits // 8, frozenset(skips or ()))
+        bound = bounds_ms(flops, nbytes, peak)
+        print(f"roofline: {peak.name}: {peak.flops / 1e12:.2f} TFLOP/s, "
+              f"{peak.bandwidth / 1e9:.1f} GB/s ({peak.source})")
+    print(format_table(summary, stage_flops, nbytes, bound))
     if args.per_layer:
         _print_layers(policy.config, flops, n_text, n_kept if n_kept < policy.config.num_patches
                       else None, k)
@@ -116,6 +127,8 @@ def cmd_profile(args) -> int:
         "flops": stage_flops,
         "flops_per_layer": {"prefill": flops.prefill_layers, "decode": flops.decode_layers},
         "skip_layers": sorted(skips or []),
+        "bytes": nbytes,
+        "roofline_ms": bound,
         "timings_ms": timings,
     }
     if args.out:
@@ -255,6 +268,23 @@ def _skip_layers(args) -> list[int] | None:
     return None
 
 
+def cmd_bench(args) -> int:
+    """Reference vs ours (dense, pruned), interleaved in one process; markdown + JSON."""
+    from vla_prune.benchmark import DEFAULT_CONFIGS, format_markdown, run_bench, write_results
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = _load(args.policy, args.device, args.dtype, args.seed)
+    labels = tuple(args.configs.split(",")) if args.configs else DEFAULT_CONFIGS
+    rows = run_bench(policy, labels, steps=args.steps, seed=args.seed)
+    command = "vla-prune " + " ".join(sys.argv[1:])
+    print(format_markdown(rows, f"{args.policy} ({args.device}, {args.dtype})"))
+    stem = write_results(rows, args.out or "bench/results", args.policy, args.device,
+                         args.dtype, command)
+    print(f"wrote {stem}.md and {stem}.json")
+    return 0
+
+
 def cmd_eval(args) -> int:
     if not _require_sim("eval"):
         return 2
@@ -339,8 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     prof.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch default)")
     prof.add_argument("--skip-layers", default=None, help="LLM layers to skip, e.g. 5,9")
+    prof.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                      help="bytes moved and roofline bound per stage (peaks measured on CPU)")
     prof.add_argument("--skip-file", default=None, help="JSON from `vla-prune calibrate`")
     prof.set_defaults(fn=cmd_profile)
+
+    bench = sub.add_parser("bench", help="reference vs ours, dense and pruned, side by side")
+    bench.add_argument("--policy", default="small-openvla")
+    bench.add_argument("--configs", default=None,
+                       help="comma list, e.g. reference,dense,vla-pruner@0.25 (default: all)")
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default=None, help="results folder (default bench/results)")
+    bench.set_defaults(fn=cmd_bench)
 
     cal = sub.add_parser("calibrate", help="choose LLM layers to skip by block influence")
     common(cal)

@@ -27,16 +27,28 @@ def summarize(timings: Sequence[dict[str, float]]) -> dict[str, dict[str, float]
 
 
 def format_table(
-    summary: dict[str, dict[str, float]], flops: dict[str, float] | None = None
+    summary: dict[str, dict[str, float]],
+    flops: dict[str, float] | None = None,
+    nbytes: dict[str, float] | None = None,
+    bound_ms: dict[str, float] | None = None,
 ) -> str:
+    """Per-stage latency percentiles, with FLOPs, bytes and roofline bound when given."""
     head = f"{'stage':<11}{'median ms':>11}{'p90 ms':>10}{'p99 ms':>10}"
     head += f"{'GFLOPs':>10}" if flops else ""
+    head += f"{'MB moved':>10}" if nbytes else ""
+    head += f"{'bound ms':>10}{'meas/bound':>12}" if bound_ms else ""
     lines = [head, "-" * len(head)]
     for stage, s in summary.items():
         row = f"{stage:<11}{s['median']:>11.2f}{s['p90']:>10.2f}{s['p99']:>10.2f}"
         if flops:
             f = flops.get(stage)
             row += f"{f / 1e9:>10.2f}" if f is not None else f"{'':>10}"
+        if nbytes:
+            b = nbytes.get(stage)
+            row += f"{b / 1e6:>10.1f}" if b is not None else f"{'':>10}"
+        if bound_ms:
+            b = bound_ms.get(stage)
+            row += f"{b:>10.3f}{s['median'] / b:>11.1f}x" if b else f"{'':>22}"
         lines.append(row)
     return "\n".join(lines)
 

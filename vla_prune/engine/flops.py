@@ -49,6 +49,7 @@ class StepFlops:
     prefill_layers: list[int]
     decode_layers: list[int]  # summed over the decode steps
     lm_head: int  # prefill's last position + each decode step
+    decode_steps: int = 0
     stages: dict[str, int] = field(init=False)
 
     def __post_init__(self):
@@ -92,4 +93,4 @@ def step_flops(
     d, _, _, vocab = _llm_dims(cfg)
     lm_head = 2 * d * vocab * (1 + steps)
     vision = vit_flops(cfg.dino) + vit_flops(cfg.siglip)
-    return StepFlops(vision, projector_flops(cfg), prefill, decode, lm_head)
+    return StepFlops(vision, projector_flops(cfg), prefill, decode, lm_head, steps)
