@@ -61,6 +61,7 @@ def build_policy(
     Full-size presets (openvla-7b) go on the meta device unless a device is given: shapes,
     parameter counts and FLOPs without allocating 30 GB.
     """
+    from .models.cogact import CogACTConfig, CogACTModel
     from .models.openvla import identity_stats
     from .models.presets import FULL_SIZE, get_preset
     from .models.prismatic import OpenVLAModel
@@ -75,11 +76,16 @@ def build_policy(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
-            model = OpenVLAModel(cfg)
+            model = (CogACTModel if isinstance(cfg, CogACTConfig) else OpenVLAModel)(cfg)
     if dtype is not None:
         model.to(dtype=dtype)
     tokenizer = build_word_tokenizer(cfg.tokenizer_vocab_size, cfg.n_action_bins)
-    return Policy(model, tokenizer, {"identity": identity_stats(cfg.action_dim)})
+    stats = {"identity": identity_stats(cfg.action_dim)}
+    if isinstance(cfg, CogACTConfig):
+        from .cogact import CogACTPolicy
+
+        return CogACTPolicy(model, tokenizer, stats)
+    return Policy(model, tokenizer, stats)
 
 
 def load_policy(
@@ -88,7 +94,12 @@ def load_policy(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Policy:
-    """Load a local checkpoint directory (OpenVLA Hugging Face layout). Nothing is downloaded."""
+    """Load a local checkpoint directory (OpenVLA's Hugging Face layout, or CogACT's:
+    checkpoints/*.pt + config.json — or that .pt itself). Nothing is downloaded."""
     from .models.checkpoints import load_openvla
+    from .models.cogact_checkpoints import is_cogact_dir, load_cogact
+
+    if is_cogact_dir(path):
+        return load_cogact(path, unnorm_key=unnorm_key, device=device, dtype=dtype)
 
     return load_openvla(path, unnorm_key=unnorm_key, device=device, dtype=dtype)

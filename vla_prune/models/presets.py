@@ -86,3 +86,23 @@ def get_preset(name: str) -> VLAConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown policy preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+# -- CogACT: the same backbones + a DiT action head (models/cogact.py) -------------------------
+
+
+def _cogact_presets() -> dict[str, VLAConfig]:
+    from .cogact import cogact_config
+    from .dit import DiTConfig
+
+    tiny = PRESETS["tiny-openvla"]
+    tiny_dit = DiTConfig(depth=2, hidden_size=128, num_heads=4, token_size=tiny.llm_dim)
+    return {
+        "tiny-cogact": cogact_config(tiny, dit=tiny_dit, name="tiny-cogact"),
+        "small-cogact": cogact_config(PRESETS["small-openvla"], dit="DiT-S", name="small-cogact"),
+        "cogact-base": cogact_config(PRESETS["openvla-7b"], dit="DiT-B", name="cogact-base"),
+    }
+
+
+PRESETS.update(_cogact_presets())
+FULL_SIZE.add("cogact-base")
