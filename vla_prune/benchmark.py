@@ -24,6 +24,9 @@ from .reference import ReferencePipeline
 
 log = logging.getLogger(__name__)
 
+COGACT_CONFIGS = (
+    "reference", "dense", "cache5", "cache5+vla-pruner@0.25", "cache5+vla-pruner@0.25+skip2",
+)
 DEFAULT_CONFIGS = (
     "reference", "reference+attn", "dense",
     "vla-pruner@0.5", "vla-pruner@0.25", "vla-pruner@0.125",
@@ -38,29 +41,53 @@ class BenchConfig:
     warmup: int  # steps before timing (vla-pruner prunes after its temporal warm-up)
 
 
-def make_configs(policy: Policy, labels: tuple[str, ...]) -> list[BenchConfig]:
+def _fresh(policy: Policy) -> Policy:
+    """Another Policy on the same model: its own history, noise streams and KV cache."""
+    return type(policy)(policy.model, policy.tokenizer, policy.norm_stats, policy.unnorm_key)
+
+
+def make_configs(policy: Policy, labels: tuple[str, ...], images=()) -> list[BenchConfig]:
+    """Labels: reference | reference+attn | dense | parts joined by "+": <method>@<keep ratio>,
+    cache<N> (DiT feature caching, CogACT), skip<n> (the n least influential LLM layers,
+    calibrated on the bench images)."""
     out = []
     for label in labels:
-        if label == "reference":
-            out.append(BenchConfig(label, ReferencePipeline(policy, "eager"), 2))
-        elif label == "reference+attn":  # upstream pruning hooks: output_attentions everywhere
-            out.append(BenchConfig(label, ReferencePipeline(policy, "eager", True), 2))
-        else:
-            p = Policy(policy.model, policy.tokenizer, policy.norm_stats, policy.unnorm_key)
-            prune = PruneConfig()
-            if label != "dense":
-                method, _, keep = label.partition("@")
+        if label in ("reference", "reference+attn"):  # +attn: output_attentions, as upstream
+            ref = ReferencePipeline(_fresh(policy), "eager", label.endswith("+attn"))
+            out.append(BenchConfig(label, ref, 2))
+            continue
+        p, prune, kw = _fresh(policy), PruneConfig(), {}
+        for part in label.split("+"):
+            if part == "dense":
+                continue
+            if part.startswith("cache") and part[5:].isdigit():
+                from .caching import CacheConfig
+
+                kw["cache"] = CacheConfig(interval=int(part[5:]), enabled=True)
+            elif part.startswith("skip") and part[4:].isdigit():
+                kw["skip_layers"] = int(part[4:])
+            elif "@" in part:
+                method, _, keep = part.partition("@")
                 prune = PruneConfig(method=method, keep_ratio=float(keep))
-            p.configure(prune=prune)
-            out.append(BenchConfig(label, p, 2 + prune.warmup_steps))
+            else:
+                raise ValueError(f"bad bench configuration part {part!r} in {label!r}")
+        if "skip_layers" in kw:
+            from .caching.layer_skip import choose_skips, record_influence
+
+            steps = [(im, "put the green cylinder on the purple plate") for im in images]
+            _, sem, act = prune.resolve_layers(p.config.num_layers)
+            kw["skip_layers"] = choose_skips(record_influence(p, steps), kw["skip_layers"],
+                                             protect=(sem, act))
+        p.configure(prune=prune, **kw)
+        out.append(BenchConfig(label, p, 2 + prune.warmup_steps))
     return out
 
 
 def run_bench(policy: Policy, labels=DEFAULT_CONFIGS, steps: int = 10, seed: int = 0) -> list[dict]:
-    configs = make_configs(policy, tuple(labels))
     size = policy.config.image_size
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    configs = make_configs(policy, tuple(labels), images)
     instruction = "put the green cylinder on the purple plate"
     timings: dict[str, list[dict]] = {c.label: [] for c in configs}
     kept: dict[str, list[int]] = {c.label: [] for c in configs}
@@ -79,6 +106,7 @@ def run_bench(policy: Policy, labels=DEFAULT_CONFIGS, steps: int = 10, seed: int
         total = stages["total"]
         rows.append({
             "config": c.label, "kept": int(np.median(kept[c.label])), "steps": len(ts),
+            "skip_layers": sorted(getattr(getattr(c.runner, "engine", None), "skip_layers", [])),
             "median_ms": stages, "p90_total_ms": float(np.percentile([t["total"] for t in ts], 90)),
             "speedup_vs_reference": ref / total, "speedup_vs_dense": dense / total,
         })

@@ -32,7 +32,6 @@ def _prune_config(args):
 
 
 def cmd_info(args) -> int:
-    from vla_prune.engine.flops import step_flops
 
     policy = _load(args.policy, "meta", "float32", args.seed)
     cfg = policy.config
@@ -42,12 +41,14 @@ def cmd_info(args) -> int:
         "projector": sum(p.numel() for p in m.projector.parameters()),
         "language_model": sum(p.numel() for p in m.language_model.parameters()),
     }
+    if hasattr(m, "action_model"):  # CogACT's DiT head
+        params["action_model"] = sum(p.numel() for p in m.action_model.parameters())
     params["total"] = sum(params.values())
     n_text = len(policy.token_ids(args.instruction))
     prune = _prune_config(args)
     k, _, _ = prune.resolve_layers(cfg.num_layers)
     kept = prune.budget(cfg.num_patches) if prune.method != "none" else None
-    flops = step_flops(cfg, n_text, kept, k if kept is not None else None)
+    flops = _flops(policy, n_text, kept, k if kept is not None else None)
     print(
         f"policy {cfg.name}: {cfg.num_patches} visual tokens, {n_text} text tokens, "
         f"{cfg.num_layers} LLM layers"
@@ -67,7 +68,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from vla_prune.engine.flops import step_flops
     from vla_prune.profiling import format_table, machine_info, summarize
 
     if args.device == "meta":
@@ -91,9 +91,11 @@ def cmd_profile(args) -> int:
     n_text = policy.prepare(image, args.instruction)["input_ids"].shape[1]
     k, _, _ = prune.resolve_layers(policy.config.num_layers)
     n_kept = int(np.median(kept))
-    flops = step_flops(policy.config, n_text, n_kept, k, skip_layers=frozenset(skips or ()))
+    flops = _flops(policy, n_text, n_kept, k, skips)
     stage_flops = {**flops.stages, "total": flops.total}
     stage_flops["decode"] += stage_flops.pop("lm_head")  # the timer's decode includes it
+    if not stage_flops["decode"]:
+        del stage_flops["decode"]
     print(
         f"policy {policy.config.name} | pruner {prune.method} keep {n_kept}/"
         f"{policy.config.num_patches} | skip {sorted(skips or [])} | {args.steps} steps | "
@@ -270,12 +272,19 @@ def _skip_layers(args) -> list[int] | None:
 
 def cmd_bench(args) -> int:
     """Reference vs ours (dense, pruned), interleaved in one process; markdown + JSON."""
-    from vla_prune.benchmark import DEFAULT_CONFIGS, format_markdown, run_bench, write_results
+    from vla_prune.benchmark import (
+        COGACT_CONFIGS,
+        DEFAULT_CONFIGS,
+        format_markdown,
+        run_bench,
+        write_results,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = _load(args.policy, args.device, args.dtype, args.seed)
-    labels = tuple(args.configs.split(",")) if args.configs else DEFAULT_CONFIGS
+    default = COGACT_CONFIGS if policy.prefill_output == "hidden" else DEFAULT_CONFIGS
+    labels = tuple(args.configs.split(",")) if args.configs else default
     rows = run_bench(policy, labels, steps=args.steps, seed=args.seed)
     command = "vla-prune " + " ".join(sys.argv[1:])
     print(format_markdown(rows, f"{args.policy} ({args.device}, {args.dtype})"))
@@ -311,6 +320,21 @@ def cmd_eval(args) -> int:
     print(format_table(summary))
     print(f"wrote {cfg.out}/episodes.jsonl and summary.md, summary.json, summary.png")
     return 0
+
+
+def _flops(policy, n_text: int, kept: int | None, k_layer: int | None, skips=()):
+    """Analytic FLOPs of one step of this policy (OpenVLA: decode; CogACT: DiT sampling)."""
+    from vla_prune.engine.flops import step_flops
+
+    skips = frozenset(skips or ())
+    if policy.prefill_output != "hidden":
+        return step_flops(policy.config, n_text, kept, k_layer, skip_layers=skips)
+    from vla_prune.caching import sampling_flops
+
+    f = step_flops(policy.config, n_text, kept, k_layer, decode_steps=0, skip_layers=skips)
+    s = policy.sampling
+    head = sampling_flops(policy.config.dit, 1, s.ddim_steps, s.cfg_scale, policy.cache_config)
+    return type(f)(f.vision, f.projector, f.prefill_layers, f.decode_layers, 0, 0, head)
 
 
 def _print_layers(cfg, flops, n_text: int, kept: int | None, k_layer: int) -> None:

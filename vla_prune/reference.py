@@ -45,6 +45,8 @@ class ReferencePipeline:
             patches = p.model.projector(features)
             text = lm.get_input_embeddings()(inputs["input_ids"])
             embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
+        if p.prefill_output == "hidden":  # CogACT: one forward, then the diffusion head
+            return self._cogact_step(p, lm, embeds, timer)
         with timer.stage("generate"), attention_implementation(lm, self.attn):
             out = lm.generate(
                 inputs_embeds=embeds,
@@ -60,3 +62,30 @@ class ReferencePipeline:
             normalized = p.action_tokenizer.decode(tokens)[None]
             actions = p._postprocess(normalized[None])[0]
         return StepResult(actions, tokens, timer.finish(), p.config.num_patches, normalized)
+
+    def _cogact_step(self, p, lm, embeds, timer) -> StepResult:
+        """CogACT upstream: generate(max_new_tokens=1, output_hidden_states=True), the final
+        hidden state of the cognition token, then the DiT head without feature caching."""
+        with timer.stage("generate"), attention_implementation(lm, self.attn):
+            out = lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=p.device),
+                max_new_tokens=1,
+                do_sample=False,
+                output_hidden_states=True,
+                output_attentions=self.output_attentions,
+                return_dict_in_generate=True,
+                pad_token_id=lm.config.pad_token_id,
+            )
+            cognition = out.hidden_states[0][-1][:, -1]  # after the final norm
+        p._slots(1)
+        cache = p.cache_config
+        with timer.stage("action_head"):
+            p.cache_config = type(cache)(interval=cache.interval, enabled=False)
+            try:
+                head = p._action_head(cognition, None)
+            finally:
+                p.cache_config = cache
+        with timer.stage("post"):
+            actions = p._postprocess(head.normalized)[0]
+        return StepResult(actions, None, timer.finish(), p.config.num_patches, head.normalized[0])

@@ -50,6 +50,7 @@ class StepFlops:
     decode_layers: list[int]  # summed over the decode steps
     lm_head: int  # prefill's last position + each decode step
     decode_steps: int = 0
+    action_head: int = 0  # a diffusion head's sampling (CogACT)
     stages: dict[str, int] = field(init=False)
 
     def __post_init__(self):
@@ -60,6 +61,8 @@ class StepFlops:
             "decode": sum(self.decode_layers),
             "lm_head": self.lm_head,
         }
+        if self.action_head:
+            self.stages["action_head"] = self.action_head
 
     @property
     def total(self) -> int:
