@@ -46,6 +46,7 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    label_sigma: float = 0.0  # >0: Gaussian soft targets over neighbouring bins (HL-Gauss)
     shift: int = 4  # random-shift augmentation in pixels of the stored image (0 = off)
     blind: bool = False  # honesty control: the image is replaced by a constant gray frame
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
@@ -96,8 +97,12 @@ class DemoBatches:
         ids = {p: policy.token_ids(p) for p in set(prompts)}
         self.prompt_ids = [ids[p] for p in prompts]
         self.policy, self.cfg = policy, cfg
-        log.info("%d transitions, %d episodes' worth of prompts (%d distinct)",
-                 len(self.images), len(images), len(ids))
+        log.info(
+            "%d transitions, %d episodes' worth of prompts (%d distinct)",
+            len(self.images),
+            len(images),
+            len(ids),
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -123,8 +128,14 @@ def _random_shift(img: np.ndarray, pad: int, gen: torch.Generator) -> np.ndarray
     return padded[dy : dy + img.shape[0], dx : dx + img.shape[1]]
 
 
-def action_loss(policy: vla_prune.Policy, pixels, prompts, action_tokens):
-    """Cross-entropy of the 7 action tokens given image + prompt (teacher forcing)."""
+def action_loss(policy: vla_prune.Policy, pixels, prompts, action_tokens, label_sigma: float = 0.0):
+    """Cross-entropy of the 7 action tokens given image + prompt (teacher forcing).
+
+    label_sigma > 0: ordinal soft targets (HL-Gauss): a Gaussian of that many bins around the
+    target bin instead of a one-hot, so a near miss costs less than a far one. The tokens and
+    their decoding are OpenVLA's either way; this only shapes the training signal, which on a
+    small dataset otherwise collapses to the marginal action for a long time.
+    """
     model = policy.model
     lm = model.language_model
     embed = lm.get_input_embeddings()
@@ -144,9 +155,23 @@ def action_loss(policy: vla_prune.Policy, pixels, prompts, action_tokens):
     at = torch.stack([torch.arange(n - n_act, n) for n in lengths])
     h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
     logits = lm.lm_head(h).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), action_tokens.flatten())
+    at = policy.action_tokenizer
+    loss = soft_label_loss(logits, action_tokens, at.first_action_id, at.n_bins, label_sigma)
     acc = (logits.argmax(-1) == action_tokens).float().mean()
     return loss, acc
+
+
+def soft_label_loss(
+    logits: torch.Tensor, targets: torch.Tensor, first_id: int, n_bins: int, sigma: float
+) -> torch.Tensor:
+    """Cross-entropy against one-hot targets (sigma = 0, OpenVLA) or against a Gaussian of
+    width sigma bins over the action tokens around each target (HL-Gauss)."""
+    if sigma <= 0:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    ids = torch.arange(first_id, first_id + n_bins, device=logits.device)
+    soft = torch.softmax(-((ids - targets[..., None]) ** 2).float() / (2 * sigma**2), dim=-1)
+    logp = torch.log_softmax(logits, dim=-1)[..., first_id : first_id + n_bins]
+    return -(soft * logp).sum(-1).mean()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -166,9 +191,12 @@ def train(cfg: TrainConfig) -> Path:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay,
-                                                               "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     state_path = out / "train_state.pt"
@@ -190,7 +218,7 @@ def train(cfg: TrainConfig) -> Path:
         pixels, prompts, actions = data.sample(gen)
         # bf16 matmuls are ~2.6x faster on AVX512-BF16 CPUs; weights and optimizer stay fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, acc = action_loss(policy, pixels, prompts, actions)
+            loss, acc = action_loss(policy, pixels, prompts, actions, cfg.label_sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -200,16 +228,37 @@ def train(cfg: TrainConfig) -> Path:
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = seen / (time.perf_counter() - t0)
             eta = (cfg.steps - step) * cfg.batch_size / rate / 60
-            rec = {"step": step, "loss": round(loss.item(), 4), "acc": round(acc.item(), 4),
-                   "lr": lr_at(step, cfg), "samples_per_s": round(rate, 1)}
+            rec = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "acc": round(acc.item(), 4),
+                "lr": lr_at(step, cfg),
+                "samples_per_s": round(rate, 1),
+            }
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
-            log.info("step %d/%d loss %.4f acc %.3f lr %.2e | %.1f samples/s, ETA %.1f min",
-                     step, cfg.steps, rec["loss"], rec["acc"], rec["lr"], rate, eta)
+            log.info(
+                "step %d/%d loss %.4f acc %.3f lr %.2e | %.1f samples/s, ETA %.1f min",
+                step,
+                cfg.steps,
+                rec["loss"],
+                rec["acc"],
+                rec["lr"],
+                rate,
+                eta,
+            )
         if step % cfg.save_every == 0 or step == cfg.steps:
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optim": opt.state_dict(),
-                        "generator": gen.get_state(), "step": step, "config": asdict(cfg)}, tmp)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optim": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "step": step,
+                    "config": asdict(cfg),
+                },
+                tmp,
+            )
             os.replace(tmp, state_path)  # atomic: a crash never leaves a half-written state
     model.eval()
     policy.norm_stats = {UNNORM_KEY: data.stats}
@@ -241,8 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         if f.name in ("data", "out"):
             continue
         if f.type == "bool":
-            ap.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                            default=f.default)
+            ap.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+            )
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)

@@ -85,3 +85,21 @@ def test_normalize_inverts_unnormalize():
     back = unnormalize(norm, stats["action"])
     assert np.abs(back - actions)[inside].max() < 1e-6
     assert (back[:, 6] == actions[:, 6]).all()  # the gripper passes through
+
+
+def test_soft_label_loss_is_ordinal():
+    from sim.train import soft_label_loss
+
+    first, n = 256, 256
+    target = torch.tensor([[300]])
+
+    def peaked(at):  # logits strongly preferring one token of a 512-token vocabulary
+        logits = torch.zeros(1, 1, 512)
+        logits[0, 0, at] = 10.0
+        return logits
+
+    hard = [soft_label_loss(peaked(a), target, first, n, 0.0) for a in (300, 301, 340)]
+    soft = [soft_label_loss(peaked(a), target, first, n, 1.5) for a in (300, 301, 340)]
+    assert hard[1] == pytest.approx(hard[2])  # one-hot: a near miss is as bad as a far one
+    assert soft[0] < soft[1] < soft[2]  # soft targets: it is not
+    assert hard[0] < hard[1]
