@@ -141,10 +141,10 @@ class CogACTPolicy(Policy):
         b = hidden.shape[0]
         scores = None
         if probe_layer is not None:
-            t0 = self.engine._clock()  # synchronizes on a GPU: the probe pays for its own kernels
+            t0 = self.engine.clock()  # synchronizes on a GPU: the probe pays for its own kernels
             rows = torch.full((b, 1), -1, dtype=torch.long, device=hidden.device)
             scores = self.engine.last_context.attention(probe_layer, rows).mean(dim=1)[:, 0]
-            self.engine.probe_ms += (self.engine._clock() - t0) * 1e3
+            self.engine.probe_ms += (self.engine.clock() - t0) * 1e3
 
         net = self.model.action_model.net
         s = self.sampling

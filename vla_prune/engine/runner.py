@@ -116,7 +116,7 @@ class LlamaEngine:
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return (h, q) if want_q else h
 
-    def _clock(self) -> float:
+    def clock(self) -> float:
         if self.cache.k[0].is_cuda:  # charge the probe only its own kernels
             torch.cuda.synchronize()
         return time.perf_counter()
@@ -249,10 +249,10 @@ class LlamaEngine:
                 h = self._layer(i, h, cos, sin, mask, start=cache.length[i])
                 continue
             h, q = self._layer(i, h, cos, sin, mask, start=cache.length[i], want_q=True)
-            t0 = self._clock()  # the new token's q is at hand: its attention costs one matmul
+            t0 = self.clock()  # the new token's q is at hand: its attention costs one matmul
             attn = attention_from_queries(q, cache, i, pos)
             probe = to_visual(attn, cache, i, self.num_visual)[:, :, 0]
-            self.probe_ms += (self._clock() - t0) * 1e3
+            self.probe_ms += (self.clock() - t0) * 1e3
         self.next_pos = self.next_pos + 1
         return self._logits(h[:, -1]), probe
 

@@ -43,7 +43,7 @@ class CheckpointError(ValueError):
     """A checkpoint that can't be loaded; the message names the file, key and mismatch."""
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"missing file {path}")
     try:
@@ -100,12 +100,12 @@ def config_from_json(cfg: dict[str, Any], path: Path) -> VLAConfig:
     )
 
 
-def _norm_stats(cfg: dict[str, Any], root: Path, action_dim: int) -> dict[str, Any]:
+def read_norm_stats(cfg: dict[str, Any], root: Path, action_dim: int) -> dict[str, Any]:
     stats = cfg.get("norm_stats")
     source = root / "config.json"
     if not stats:
         source = root / "dataset_statistics.json"
-        stats = _read_json(source)
+        stats = read_json(source)
     if not isinstance(stats, dict) or not stats:
         raise CheckpointError(f"{source}: dataset statistics must be a non-empty mapping")
     for key, entry in stats.items():
@@ -124,7 +124,7 @@ def _norm_stats(cfg: dict[str, Any], root: Path, action_dim: int) -> dict[str, A
 def _weight_files(root: Path) -> dict[str, str]:
     """key -> file name, from the shard index or the single weights file."""
     if (root / INDEX).is_file():
-        index = _read_json(root / INDEX)
+        index = read_json(root / INDEX)
         wm = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise CheckpointError(f"{root / INDEX}: no 'weight_map'")
@@ -193,15 +193,15 @@ def load_openvla(
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
-    raw = _read_json(root / "config.json")
+    raw = read_json(root / "config.json")
     cfg = config_from_json(raw, root / "config.json")
-    stats = _norm_stats(raw, root, cfg.action_dim)
+    stats = read_norm_stats(raw, root, cfg.action_dim)
     tensors, origin = read_weights(root)
     with torch.device("meta"):
         model = OpenVLAModel(cfg)
     check_state_dict(model, tensors, origin)
     model.load_state_dict(tensors, strict=True, assign=True)
-    _rebuild_rotary(model)
+    rebuild_rotary(model)
     model.to(device=device, dtype=dtype)
     try:
         # AutoTokenizer peeks at config.json ("openvla" is no transformers model type) and warns;
@@ -217,7 +217,7 @@ def load_openvla(
     return Policy(model, tokenizer, stats, unnorm_key=unnorm_key)
 
 
-def _rebuild_rotary(model: OpenVLAModel) -> None:
+def rebuild_rotary(model: OpenVLAModel) -> None:
     """Non-persistent buffers (RoPE inv_freq) aren't in checkpoints: rebuild them off meta."""
     lm = model.language_model
     rotary_cls = type(lm.model.rotary_emb)

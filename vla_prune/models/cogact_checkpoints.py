@@ -34,7 +34,7 @@ import yaml
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .checkpoints import CheckpointError, _norm_stats, _read_json, _rebuild_rotary
+from .checkpoints import CheckpointError, read_json, read_norm_stats, rebuild_rotary
 from .cogact import CogACTConfig, CogACTModel, cogact_config
 from .dit import DIT_SIZES, DiTConfig
 
@@ -174,7 +174,7 @@ def check_weights(
 
 def _read_config(root: Path) -> tuple[dict[str, Any], Path]:
     if (root / "config.json").is_file():
-        return _read_json(root / "config.json"), root / "config.json"
+        return read_json(root / "config.json"), root / "config.json"
     path = root / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"missing file {root / 'config.json'} (or config.yaml)")
@@ -277,7 +277,7 @@ def load_cogact(
     raw, cfg_path = _read_config(root)
     tensors, origin = read_cogact_pt(pt)
     cfg = config_from_cogact(raw, cfg_path, tensors)
-    stats = _norm_stats({}, root, cfg.action_dim)
+    stats = read_norm_stats({}, root, cfg.action_dim)
     if unnorm_key is not None and unnorm_key not in stats:
         raise CheckpointError(
             f"{root / 'dataset_statistics.json'}: unknown unnorm_key {unnorm_key!r}; "
@@ -287,7 +287,7 @@ def load_cogact(
         model = CogACTModel(cfg)
     check_weights(model, tensors, origin, pt)
     model.load_state_dict(tensors, strict=True, assign=True)
-    _rebuild_rotary(model)
+    rebuild_rotary(model)
     model.to(device=device, dtype=dtype)
     tokenizer = _tokenizer(root)
     return CogACTPolicy(model, tokenizer, stats, unnorm_key=unnorm_key)
