@@ -28,6 +28,17 @@ def tiny_policy(seed: int = 0) -> vla_prune.Policy:
     return scramble(vla_prune.build_policy("tiny-openvla", seed=seed), seed)
 
 
+def tiny_cogact(seed: int = 0):
+    """tiny-cogact with large random weights everywhere (CogACT zero-inits the DiT's last layer,
+    which would make every chunk independent of the input)."""
+    policy = scramble(vla_prune.build_policy("tiny-cogact", seed=seed), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for w in policy.model.action_model.parameters():
+            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+    return policy
+
+
 def random_image(seed: int, size: int = 224) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 

@@ -21,11 +21,10 @@ def test_reference_matches_engine_dense():
 
 def test_cogact_reference_matches_engine_dense():
     """Upstream-style CogACT (generate with hidden states, uncached DiT) == our dense path."""
-    import vla_prune
-    from tests.conftest import scramble
+    from tests.conftest import tiny_cogact
     from vla_prune.benchmark import _fresh
 
-    policy = scramble(vla_prune.build_policy("tiny-cogact", seed=3), 3)
+    policy = tiny_cogact(3)
     ref = ReferencePipeline(_fresh(policy), "eager")
     ours = _fresh(policy)
     for s in range(2):

@@ -83,3 +83,23 @@ class LanguageConditionedEnv(gym.Env):
     def instruction(self) -> str:
         """The language instruction of the current episode (valid after reset)."""
         raise NotImplementedError
+
+
+class WrappedSimEnv(LanguageConditionedEnv):
+    """Base of adapters around another simulator's env (LIBERO, SIMPLER): they keep the wrapped
+    env in `_env` and their latest observation in `_last_obs`."""
+
+    _env: Any = None
+    _last_obs: Obs | None = None
+
+    def render(self) -> np.ndarray:
+        """The agent-view image of the latest observation."""
+        if self._last_obs is None:
+            raise RuntimeError("call reset() before render()")
+        return self._last_obs["image"]
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+

@@ -66,7 +66,7 @@ from typing import Any, Literal
 import numpy as np
 from gymnasium import spaces
 
-from sim.envs.base import LanguageConditionedEnv, Obs, make_observation_space, validate_action
+from sim.envs.base import Obs, WrappedSimEnv, make_observation_space, validate_action
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _close_live_envs() -> None:
         env.close()
 
 
-class LiberoEnv(LanguageConditionedEnv):
+class LiberoEnv(WrappedSimEnv):
     """One LIBERO task (``"libero_spatial/0"`` etc.); see the module docstring."""
 
     suite = "libero"
@@ -307,17 +307,8 @@ class LiberoEnv(LanguageConditionedEnv):
         truncated = self._steps >= self.max_episode_steps and not success
         return self._observe(raw), float(success), success, truncated, self._info(success)
 
-    def render(self) -> np.ndarray:
-        """The agent-view image of the latest observation."""
-        if self._last_obs is None:
-            raise RuntimeError("call reset() before render()")
-        return self._last_obs["image"]
-
     def close(self) -> None:
-        env = getattr(self, "_env", None)
-        if env is not None:
-            env.close()
-            self._env = None
+        super().close()
         _LIVE_ENVS.discard(self)
 
     # --- helpers ------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 from gymnasium import spaces
 
-from sim.envs.base import LanguageConditionedEnv, Obs, make_observation_space, validate_action
+from sim.envs.base import Obs, WrappedSimEnv, make_observation_space, validate_action
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class SimplerConfig:
     terminate_on_success: bool = True  # False: run to the limit as SimplerEnv's evaluator does
 
 
-class SimplerEnv(LanguageConditionedEnv):
+class SimplerEnv(WrappedSimEnv):
     """One SimplerEnv task (e.g. ``"widowx_carrot_on_plate"``); see the module docstring."""
 
     suite = "simpler"
@@ -251,16 +251,6 @@ class SimplerEnv(LanguageConditionedEnv):
         info = {**env_info, **self._info(success), "subtask_advanced": advanced}
         return self._observe(raw), float(reward), terminated, truncated, info
 
-    def render(self) -> np.ndarray:
-        if self._last_obs is None:
-            raise RuntimeError("call reset() before render()")
-        return self._last_obs["image"]
-
-    def close(self) -> None:
-        env = getattr(self, "_env", None)
-        if env is not None:
-            env.close()
-            self._env = None
 
     # --- conversions and helpers --------------------------------------------------------------
 

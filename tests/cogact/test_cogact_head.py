@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vla_prune
-from tests.conftest import random_image, scramble
+from tests.conftest import random_image, tiny_cogact
 from vla_prune.caching import CacheConfig
 from vla_prune.caching.dit_cache import DiTFeatureCache
 from vla_prune.caching.dit_cache import forward as dit_forward
@@ -16,17 +16,6 @@ from vla_prune.models.cogact import DDIMSampler, SamplingConfig, ddim_timesteps,
 from vla_prune.models.dit import DiT, DiTConfig
 
 INSTRUCTION = "pick up the red block"
-
-
-def tiny_cogact(seed: int = 0) -> CogACTPolicy:
-    """tiny-cogact with large random weights everywhere (CogACT zero-inits the DiT's last layer,
-    which would make every chunk independent of the input)."""
-    policy = scramble(vla_prune.build_policy("tiny-cogact", seed=seed), seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for w in policy.model.action_model.parameters():
-            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
-    return policy
 
 
 @pytest.fixture(scope="module")

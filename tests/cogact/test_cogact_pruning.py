@@ -11,8 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vla_prune
-from tests.conftest import random_image, scramble, tiny_policy
+from tests.conftest import random_image, tiny_cogact, tiny_policy
 from vla_prune import PruneConfig
 from vla_prune.caching import CacheConfig
 from vla_prune.config import load_yaml
@@ -22,15 +21,6 @@ from vla_prune.pruning.select import topk_indices
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pruning"
 INSTRUCTION = "push the blue cube onto the green pad"
-
-
-def tiny_cogact(seed: int = 0):
-    policy = scramble(vla_prune.build_policy("tiny-cogact", seed=seed), seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for w in policy.model.action_model.parameters():
-            w.copy_(torch.randn(w.shape, generator=g) * 0.05)
-    return policy
 
 
 @pytest.fixture(scope="module")
