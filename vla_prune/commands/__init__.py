@@ -1,0 +1,1 @@
+"""The `vla-prune` subcommands (cli.py builds the parser and dispatches to them)."""

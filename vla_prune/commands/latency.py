@@ -1,0 +1,246 @@
+"""Latency commands: info (counts), profile (stages + roofline), bench, calibrate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import DTYPES, load_policy_arg, prune_config_from, require_sim, write_json
+
+
+def cmd_info(args) -> int:
+
+    policy = load_policy_arg(args.policy, "meta", "float32", args.seed)
+    cfg = policy.config
+    m = policy.model
+    params = {
+        "vision_backbone": sum(p.numel() for p in m.vision_backbone.parameters()),
+        "projector": sum(p.numel() for p in m.projector.parameters()),
+        "language_model": sum(p.numel() for p in m.language_model.parameters()),
+    }
+    if hasattr(m, "action_model"):  # CogACT's DiT head
+        params["action_model"] = sum(p.numel() for p in m.action_model.parameters())
+    params["total"] = sum(params.values())
+    n_text = len(policy.token_ids(args.instruction))
+    prune = prune_config_from(args)
+    k, _, _ = prune.resolve_layers(cfg.num_layers)
+    kept = prune.budget(cfg.num_patches) if prune.method != "none" else None
+    flops = _flops(policy, n_text, kept, k if kept is not None else None)
+    print(
+        f"policy {cfg.name}: {cfg.num_patches} visual tokens, {n_text} text tokens, "
+        f"{cfg.num_layers} LLM layers"
+    )
+    for name, n in params.items():
+        print(f"  params {name:<16}{n:>16,}")
+    for stage, f in {**flops.stages, "total": flops.total}.items():
+        print(f"  GFLOPs {stage:<16}{f / 1e9:>16.2f}")
+    if args.per_layer:
+        _print_layers(cfg, flops, n_text, kept, k)
+    if args.out:
+        write_json(
+            args.out,
+            {"policy": cfg.name, "params": params, "flops": {**flops.stages, "total": flops.total}},
+        )
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from vla_prune.profiling import format_table, machine_info, summarize
+
+    if args.device == "meta":
+        return cmd_info(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = load_policy_arg(args.policy, args.device, args.dtype, args.seed)
+    prune = prune_config_from(args)
+    skips = _skip_layers(args)
+    policy.configure(prune=prune, skip_layers=skips)
+    rng = np.random.default_rng(args.seed)
+    size = policy.config.image_size
+    timings, kept = [], []
+    for i in range(args.warmup + args.steps):
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        r = policy.step(image, args.instruction)
+        if i >= args.warmup:
+            timings.append(r.timings_ms)
+            kept.append(r.kept_visual_tokens)
+    summary = summarize(timings)
+    n_text = policy.prepare(image, args.instruction)["input_ids"].shape[1]
+    k, _, _ = prune.resolve_layers(policy.config.num_layers)
+    n_kept = int(np.median(kept))
+    flops = _flops(policy, n_text, n_kept, k, skips)
+    stage_flops = {**flops.stages, "total": flops.total}
+    stage_flops["decode"] += stage_flops.pop("lm_head")  # the timer's decode includes it
+    if not stage_flops["decode"]:
+        del stage_flops["decode"]
+    print(
+        f"policy {policy.config.name} | pruner {prune.method} keep {n_kept}/"
+        f"{policy.config.num_patches} | skip {sorted(skips or [])} | {args.steps} steps | "
+        f"device {args.device} "
+        f"{args.dtype} | threads {torch.get_num_threads()}"
+    )
+    nbytes = bound = None
+    if args.roofline:
+        from vla_prune.roofline import bounds_ms, device_peak, stage_bytes
+
+        peak = device_peak(args.device, DTYPES[args.dtype])
+        nbytes = stage_bytes(
+            policy.model,
+            policy.config,
+            n_text,
+            n_kept if n_kept < policy.config.num_patches else None,
+            k,
+            torch.finfo(DTYPES[args.dtype]).bits // 8,
+            frozenset(skips or ()),
+        )
+        bound = bounds_ms(flops, nbytes, peak)
+        print(
+            f"roofline: {peak.name}: {peak.flops / 1e12:.2f} TFLOP/s, "
+            f"{peak.bandwidth / 1e9:.1f} GB/s ({peak.source})"
+        )
+    print(format_table(summary, stage_flops, nbytes, bound))
+    if args.per_layer:
+        _print_layers(
+            policy.config, flops, n_text, n_kept if n_kept < policy.config.num_patches else None, k
+        )
+    result = {
+        "policy": policy.config.name,
+        "prune": prune.__dict__,
+        "kept_visual_tokens": n_kept,
+        "steps": args.steps,
+        "device": args.device,
+        "dtype": args.dtype,
+        "machine": machine_info(args.device),
+        "summary_ms": summary,
+        "flops": stage_flops,
+        "flops_per_layer": {"prefill": flops.prefill_layers, "decode": flops.decode_layers},
+        "skip_layers": sorted(skips or []),
+        "bytes": nbytes,
+        "roofline_ms": bound,
+        "timings_ms": timings,
+    }
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+DEFAULT_EVAL_CONFIG = "configs/eval/embedded.yaml"
+
+
+def _flops(policy, n_text: int, kept: int | None, k_layer: int | None, skips=()):
+    """Analytic FLOPs of one step of this policy (OpenVLA: decode; CogACT: DiT sampling)."""
+    from vla_prune.engine.flops import step_flops
+
+    skips = frozenset(skips or ())
+    if policy.prefill_output != "hidden":
+        return step_flops(policy.config, n_text, kept, k_layer, skip_layers=skips)
+    from vla_prune.caching import sampling_flops
+
+    f = step_flops(policy.config, n_text, kept, k_layer, decode_steps=0, skip_layers=skips)
+    s = policy.sampling
+    head = sampling_flops(policy.config.dit, 1, s.ddim_steps, s.cfg_scale, policy.cache_config)
+    return type(f)(f.vision, f.projector, f.prefill_layers, f.decode_layers, 0, 0, head)
+
+
+def _print_layers(cfg, flops, n_text: int, kept: int | None, k_layer: int) -> None:
+    """Per decoder layer: rows it runs on in prefill, its prefill and decode GFLOPs."""
+    t = n_text + cfg.num_patches
+    print(f"{'layer':>5}{'rows':>7}{'prefill GF':>12}{'decode GF':>11}")
+    for i, (pf, dc) in enumerate(zip(flops.prefill_layers, flops.decode_layers)):
+        rows = t if kept is None or i < k_layer else t - cfg.num_patches + kept
+        print(f"{i:>5}{rows:>7}{pf / 1e9:>12.3f}{dc / 1e9:>11.4f}")
+
+
+def _skip_layers(args) -> list[int] | None:
+    if args.skip_file:
+        return json.loads(Path(args.skip_file).read_text())["skip_layers"]
+    if args.skip_layers:
+        return [int(x) for x in args.skip_layers.split(",")]
+    return None
+
+
+def _calibration_frames(args):
+    """(image, instruction) pairs: every `every`-th frame of scripted-expert episodes of the
+    embedded suite (seeds from 1,000,000: never evaluation scenes), or PNGs from a folder."""
+    if args.images:
+        from PIL import Image
+
+        files = sorted(Path(args.images).glob("*.png"))
+        if not files:
+            raise ValueError(f"no PNG images in {args.images}")
+        return [(np.asarray(Image.open(f).convert("RGB")), args.instruction) for f in files]
+    if not require_sim("calibrate"):
+        raise ValueError('calibration from the embedded suite needs pip install -e ".[sim]"')
+    from sim.envs import make_env
+    from sim.experts import expert_for
+
+    frames = []
+    for task in args.tasks.split(","):
+        env = make_env("embedded", task)
+        try:
+            for ep in range(args.episodes):
+                obs, _ = env.reset(seed=1_000_000 + ep)
+                expert = expert_for(env)
+                for t in range(env.max_episode_steps):
+                    if t % args.every == 0:
+                        frames.append((obs["image"], obs["instruction"]))
+                    obs, _, terminated, truncated, _ = env.step(expert(obs))
+                    if terminated or truncated:
+                        break
+        finally:
+            env.close()
+    return frames
+
+
+def cmd_calibrate(args) -> int:
+    """Block influence per LLM layer over recorded steps -> a skip list (JSON)."""
+    from vla_prune.caching.layer_skip import choose_skips, record_influence
+
+    policy = load_policy_arg(args.policy, "cpu", "float32", args.seed)
+    frames = _calibration_frames(args)
+    recording = record_influence(policy, frames)
+    _, sem, act = prune_config_from(args).resolve_layers(policy.config.num_layers)
+    skips = choose_skips(recording, args.skip, protect=(sem, act))
+    for i, inf in enumerate(recording.influence):
+        print(f"layer {i:>3}  I = {inf:.5f}{'  skip' if i in skips else ''}")
+    out = args.out or "runs/calibration/skip_layers.json"
+    write_json(
+        out,
+        {
+            "policy": args.policy,
+            "steps": len(frames),
+            "skip_layers": skips,
+            "influence": recording.influence.tolist(),
+            "recording": recording.__dict__,
+        },
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Reference vs ours (dense, pruned), interleaved in one process; markdown + JSON."""
+    from vla_prune.benchmark import (
+        COGACT_CONFIGS,
+        DEFAULT_CONFIGS,
+        format_markdown,
+        run_bench,
+        write_results,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = load_policy_arg(args.policy, args.device, args.dtype, args.seed)
+    default = COGACT_CONFIGS if policy.prefill_output == "hidden" else DEFAULT_CONFIGS
+    labels = tuple(args.configs.split(",")) if args.configs else default
+    rows = run_bench(policy, labels, steps=args.steps, seed=args.seed)
+    command = "vla-prune " + " ".join(sys.argv[1:])
+    print(format_markdown(rows, f"{args.policy} ({args.device}, {args.dtype})"))
+    stem = write_results(
+        rows, args.out or "bench/results", args.policy, args.device, args.dtype, command
+    )
+    print(f"wrote {stem}.md and {stem}.json")
+    return 0

@@ -1,0 +1,94 @@
+"""Simulation commands: eval (success rate + latency) and viz (kept tokens per step)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import load_policy_arg, prune_config_from, require_sim
+
+DEFAULT_EVAL_CONFIG = "configs/eval/embedded.yaml"
+
+
+def parse_eval_runs(text: str):
+    """--configs: specs like dense,vla-pruner@0.25,fastv@64 or a YAML path (argparse type)."""
+    from sim.eval.config import parse_runs
+
+    try:
+        return parse_runs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _eval_config_path(path: str | None) -> Path:
+    if path is not None:
+        return Path(path)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):  # cwd, then the repo
+        if (root / DEFAULT_EVAL_CONFIG).is_file():
+            return root / DEFAULT_EVAL_CONFIG
+    raise ValueError(f"no {DEFAULT_EVAL_CONFIG} here; pass --eval-config FILE")
+
+
+def cmd_viz(args) -> int:
+    """One episode; a PNG per step with the kept tokens over the camera image."""
+    if not require_sim("viz"):
+        return 2
+    from sim.envs import make_env
+    from vla_prune.viz import overlay
+
+    policy = load_policy_arg(args.policy, "cpu", "float32", args.seed)
+    prune = prune_config_from(args)
+    policy.configure(prune=prune)
+    if args.unnorm_key:
+        policy.configure(unnorm_key=args.unnorm_key)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = make_env(args.suite, args.task)
+    try:
+        obs, _ = env.reset(seed=args.seed)
+        policy.reset()
+        n = policy.config.num_patches
+        side = int(round(n**0.5))
+        for t in range(args.steps):
+            r = policy.step(obs["image"], obs["instruction"])
+            title = (
+                f"step {t} | {prune.method} kept {r.kept_visual_tokens}/{n} | {obs['instruction']}"
+            )
+            overlay(obs["image"], r.kept_indices, r.origin, (side, side), title=title).save(
+                out / f"step_{t:03d}.png"
+            )
+            obs, _, terminated, truncated, info = env.step(r.actions[0])
+            if terminated or truncated:
+                break
+    finally:
+        env.close()
+    print(f"wrote {t + 1} frames to {out} (success: {bool(info.get('success'))})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if not require_sim("eval"):
+        return 2
+    from sim.eval import format_table, load_eval_config, run_eval
+
+    cfg = load_eval_config(
+        _eval_config_path(args.eval_config),
+        suite=args.suite,
+        tasks=args.tasks,  # "press,push" or "all"
+        episodes=args.episodes,
+        seed=args.seed,
+        policy=args.policy,
+        unnorm_key=args.unnorm_key,
+        runs=args.configs,
+        out=args.out,
+        max_steps=args.max_steps,
+        video=args.video or None,
+        threads=args.threads,
+        warmup=args.warmup,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    summary = run_eval(cfg, progress=not args.quiet)
+    print(format_table(summary))
+    print(f"wrote {cfg.out}/episodes.jsonl and summary.md, summary.json, summary.png")
+    return 0
