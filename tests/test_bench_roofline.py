@@ -44,3 +44,14 @@ def test_bench_runs_all_configs_side_by_side():
     assert [r["kept"] for r in rows] == [256, 256, 64, 32]  # timed after vla-pruner's warm-up
     assert rows[0]["speedup_vs_reference"] == 1.0 and rows[1]["speedup_vs_dense"] == 1.0
     assert "| fastv@0.125 | 32 |" in format_markdown(rows, "t")
+
+
+def test_bench_writes_table_json_and_stacked_bars(tmp_path):
+    from vla_prune.benchmark import write_results
+
+    policy = vla_prune.build_policy("tiny-openvla")
+    rows = run_bench(policy, ("reference", "dense", "fastv@0.25"), steps=1)
+    stem = write_results(rows, tmp_path, "tiny-openvla", "cpu", "float32", "vla-prune bench")
+    for suffix in (".md", ".json", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0
+    assert "Command: `vla-prune bench`" in stem.with_suffix(".md").read_text()

@@ -25,12 +25,22 @@ from .reference import ReferencePipeline
 log = logging.getLogger(__name__)
 
 COGACT_CONFIGS = (
-    "reference", "dense", "cache5", "cache5+vla-pruner@0.25", "cache5+vla-pruner@0.25+skip2",
+    "reference",
+    "dense",
+    "cache5",
+    "cache5+vla-pruner@0.25",
+    "cache5+vla-pruner@0.25+skip2",
 )
 DEFAULT_CONFIGS = (
-    "reference", "reference+attn", "dense",
-    "vla-pruner@0.5", "vla-pruner@0.25", "vla-pruner@0.125",
-    "fastv@0.5", "fastv@0.25", "fastv@0.125",
+    "reference",
+    "reference+attn",
+    "dense",
+    "vla-pruner@0.5",
+    "vla-pruner@0.25",
+    "vla-pruner@0.125",
+    "fastv@0.5",
+    "fastv@0.25",
+    "fastv@0.125",
 )
 
 
@@ -76,8 +86,9 @@ def make_configs(policy: Policy, labels: tuple[str, ...], images=()) -> list[Ben
 
             steps = [(im, "put the green cylinder on the purple plate") for im in images]
             _, sem, act = prune.resolve_layers(p.config.num_layers)
-            kw["skip_layers"] = choose_skips(record_influence(p, steps), kw["skip_layers"],
-                                             protect=(sem, act))
+            kw["skip_layers"] = choose_skips(
+                record_influence(p, steps), kw["skip_layers"], protect=(sem, act)
+            )
         p.configure(prune=prune, **kw)
         out.append(BenchConfig(label, p, 2 + prune.warmup_steps))
     return out
@@ -104,28 +115,91 @@ def run_bench(policy: Policy, labels=DEFAULT_CONFIGS, steps: int = 10, seed: int
         ts = timings[c.label]
         stages = {s: statistics.median(t[s] for t in ts) for s in ts[0]}
         total = stages["total"]
-        rows.append({
-            "config": c.label, "kept": int(np.median(kept[c.label])), "steps": len(ts),
-            "skip_layers": sorted(getattr(getattr(c.runner, "engine", None), "skip_layers", [])),
-            "median_ms": stages, "p90_total_ms": float(np.percentile([t["total"] for t in ts], 90)),
-            "speedup_vs_reference": ref / total, "speedup_vs_dense": dense / total,
-        })
+        rows.append(
+            {
+                "config": c.label,
+                "kept": int(np.median(kept[c.label])),
+                "steps": len(ts),
+                "skip_layers": sorted(
+                    getattr(getattr(c.runner, "engine", None), "skip_layers", [])
+                ),
+                "median_ms": stages,
+                "p90_total_ms": float(np.percentile([t["total"] for t in ts], 90)),
+                "speedup_vs_reference": ref / total,
+                "speedup_vs_dense": dense / total,
+            }
+        )
     return rows
 
 
 def format_markdown(rows: list[dict], title: str) -> str:
     stages = ["vision", "projector", "prefill", "generate", "prune", "decode", "action_head"]
     stages = [s for s in stages if any(s in r["median_ms"] for r in rows)]
-    head = ["config", "kept", *[f"{s} ms" for s in stages], "total ms", "p90 ms",
-            f"vs {rows[0]['config']}", "vs dense"]
+    head = [
+        "config",
+        "kept",
+        *[f"{s} ms" for s in stages],
+        "total ms",
+        "p90 ms",
+        f"vs {rows[0]['config']}",
+        "vs dense",
+    ]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], str(r["kept"])]
         cells += [f"{r['median_ms'][s]:.1f}" if s in r["median_ms"] else "" for s in stages]
-        cells += [f"{r['median_ms']['total']:.1f}", f"{r['p90_total_ms']:.1f}",
-                  f"{r['speedup_vs_reference']:.2f}x", f"{r['speedup_vs_dense']:.2f}x"]
+        cells += [
+            f"{r['median_ms']['total']:.1f}",
+            f"{r['p90_total_ms']:.1f}",
+            f"{r['speedup_vs_reference']:.2f}x",
+            f"{r['speedup_vs_dense']:.2f}x",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_stages(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Stacked per-stage median latency, one bar per configuration (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [
+        s
+        for s in (
+            "preprocess",
+            "vision",
+            "projector",
+            "prefill",
+            "generate",
+            "prune",
+            "decode",
+            "action_head",
+            "post",
+        )
+        if any(s in r["median_ms"] for r in rows)
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    bottom = np.zeros(len(rows))
+    for stage in stages:
+        values = np.array([r["median_ms"].get(stage, 0.0) for r in rows])
+        ax.bar(range(len(rows)), values, bottom=bottom, label=stage)
+        bottom += values
+    ax.set_xticks(
+        range(len(rows)),
+        [f"{r['config']}\n({r['kept']} tok)" for r in rows],
+        rotation=45,
+        ha="right",
+        fontsize=8,
+    )
+    ax.set_ylabel("median ms per step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def device_slug(device: str) -> str:
@@ -136,15 +210,27 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def write_results(rows: list[dict], out_dir: str | Path, policy: str, device: str,
-                  dtype: str, command: str) -> Path:
+def write_results(
+    rows: list[dict], out_dir: str | Path, policy: str, device: str, dtype: str, command: str
+) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{device_slug(device)}-{policy}-{dtype}"
     title = f"{policy} on {device_slug(device)} ({dtype}), medians over the timed steps"
     md = format_markdown(rows, title) + f"\n\nCommand: `{command}`\n"
     stem.with_suffix(".md").write_text(md)
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"policy": policy, "device": device_slug(device), "dtype": dtype, "command": command,
-         "machine": machine_info(device), "rows": rows}, indent=2))
+    plot_stages(rows, stem.with_suffix(".png"), title)
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "policy": policy,
+                "device": device_slug(device),
+                "dtype": dtype,
+                "command": command,
+                "machine": machine_info(device),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     return stem

@@ -61,6 +61,9 @@ def cmd_profile(args) -> int:
     policy.configure(prune=prune, skip_layers=skips)
     rng = np.random.default_rng(args.seed)
     size = policy.config.image_size
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
     timings, kept = [], []
     for i in range(args.warmup + args.steps):
         image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -103,6 +106,8 @@ def cmd_profile(args) -> int:
             f"{peak.bandwidth / 1e9:.1f} GB/s ({peak.source})"
         )
     print(format_table(summary, stage_flops, nbytes, bound))
+    if cuda:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(args.device) / 1e9:.2f} GB")
     if args.per_layer:
         _print_layers(
             policy.config, flops, n_text, n_kept if n_kept < policy.config.num_patches else None, k
@@ -122,6 +127,7 @@ def cmd_profile(args) -> int:
         "bytes": nbytes,
         "roofline_ms": bound,
         "timings_ms": timings,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(args.device) / 1e9 if cuda else None,
     }
     if args.out:
         write_json(args.out, result)
