@@ -84,16 +84,22 @@ class DemoBatches:
     """All transitions in memory (a few thousand 128x128 frames), sampled uniformly."""
 
     def __init__(self, data: str, policy: vla_prune.Policy, cfg: TrainConfig):
-        images, actions, prompts = [], [], []
+        images, actions, prompts, chunk_rows = [], [], [], []
+        chunk = getattr(policy.config, "chunk", 0)  # CogACT: the DiT predicts action chunks
+        start = 0
         for ep in load_demos(data):
             images.append(ep.images)
             actions.append(ep.actions)
             prompts += [ep.instruction] * len(ep.actions)
+            n = len(ep.actions)  # rows t .. t+chunk-1 of the episode, the last one repeated
+            chunk_rows += [[start + min(t + j, n - 1) for j in range(chunk)] for t in range(n)]
+            start += n
         self.images = np.concatenate(images)
         raw = np.concatenate(actions).astype(np.float32)
         self.stats = action_stats(raw)
-        tokens = policy.action_tokenizer.encode(normalize(raw, self.stats))
-        self.action_tokens = torch.from_numpy(tokens)
+        normalized = normalize(raw, self.stats)
+        self.action_tokens = torch.from_numpy(policy.action_tokenizer.encode(normalized))
+        self.chunks = torch.from_numpy(normalized[np.asarray(chunk_rows)]) if chunk else None
         ids = {p: policy.token_ids(p) for p in set(prompts)}
         self.prompt_ids = [ids[p] for p in prompts]
         self.policy, self.cfg = policy, cfg
@@ -119,7 +125,8 @@ class DemoBatches:
                 img = _random_shift(img, self.cfg.shift, gen)
             pixels.append(image_to_pixels(img, pc.image_size, pc.image_means, pc.image_stds))
         prompts = [self.prompt_ids[i] for i in idx.tolist()]
-        return torch.cat(pixels), prompts, self.action_tokens[idx]
+        targets = self.action_tokens[idx] if self.chunks is None else self.chunks[idx]
+        return torch.cat(pixels), prompts, targets
 
 
 def _random_shift(img: np.ndarray, pad: int, gen: torch.Generator) -> np.ndarray:
@@ -136,29 +143,63 @@ def action_loss(policy: vla_prune.Policy, pixels, prompts, action_tokens, label_
     their decoding are OpenVLA's either way; this only shapes the training signal, which on a
     small dataset otherwise collapses to the marginal action for a long time.
     """
+    n_act = action_tokens.shape[1]
+    hidden, lengths = _last_hidden(policy, pixels, prompts, action_tokens[:, :-1])
+    # the rows whose next token is an action token: the last prompt row, then a1..a6
+    at = torch.stack([torch.arange(n - n_act, n) for n in lengths])
+    h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+    logits = policy.model.language_model.lm_head(h).float()
+    at = policy.action_tokenizer
+    loss = soft_label_loss(logits, action_tokens, at.first_action_id, at.n_bins, label_sigma)
+    acc = (logits.argmax(-1) == action_tokens).float().mean()
+    return loss, acc
+
+
+def _last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None):
+    """Final-norm hidden states of [BOS, visual, prompt (+ extra tokens)], right-padded;
+    returns (hidden [B, L, D], lengths)."""
     model = policy.model
     lm = model.language_model
     embed = lm.get_input_embeddings()
     patches = model.projector(model.vision_backbone(pixels))
-    n_act = action_tokens.shape[1]
     rows, lengths = [], []
     for b, ids in enumerate(prompts):
-        seq = torch.cat([torch.tensor(ids), action_tokens[b, :-1]])
+        seq = (
+            torch.tensor(ids)
+            if extra_tokens is None
+            else torch.cat([torch.tensor(ids), extra_tokens[b]])
+        )
         e = embed(seq)
         rows.append(torch.cat([e[:1], patches[b], e[1:]]))
         lengths.append(rows[-1].shape[0])
     longest = max(lengths)
     embeds = torch.stack([F.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
     mask = torch.tensor([[1] * n + [0] * (longest - n) for n in lengths])
-    hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    # the rows whose next token is an action token: the last prompt row, then a1..a6
-    at = torch.stack([torch.arange(n - n_act, n) for n in lengths])
-    h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
-    logits = lm.lm_head(h).float()
-    at = policy.action_tokenizer
-    loss = soft_label_loss(logits, action_tokens, at.first_action_id, at.n_bins, label_sigma)
-    acc = (logits.argmax(-1) == action_tokens).float().mean()
-    return loss, acc
+    return lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, lengths
+
+
+def diffusion_loss(policy, pixels, prompts, chunks, gen: torch.Generator, repeats: int = 4):
+    """CogACT's objective: predict the noise added to the normalized action chunk at a random
+    diffusion step, conditioned on the cognition token's final hidden state; the condition is
+    dropped (replaced by the learned unconditional embedding) at the DiT's class-dropout rate,
+    which is what classifier-free guidance needs. `repeats` noise draws per LLM forward."""
+    from vla_prune.models.cogact import squaredcos_alphas_cumprod
+
+    hidden, lengths = _last_hidden(policy, pixels, prompts)
+    b = hidden.shape[0]
+    z = hidden[torch.arange(b), torch.tensor(lengths) - 1][:, None]  # [B, 1, D]
+    net = policy.model.action_model.net
+    drop = torch.rand(b, generator=gen) < net.cfg.class_dropout_prob
+    if drop.any():
+        z = torch.where(drop[:, None, None], net.z_embedder.uncondition[None].to(z), z)
+    z, x0 = z.repeat(repeats, 1, 1), chunks.repeat(repeats, 1, 1)
+    steps = policy.sampling.train_steps
+    t = torch.randint(0, steps, (len(x0),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    ab = squaredcos_alphas_cumprod(steps)[t].float()[:, None, None]
+    eps = net(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, z)
+    loss = F.mse_loss(eps.float(), noise)
+    return loss, torch.zeros(())
 
 
 def soft_label_loss(
@@ -218,7 +259,10 @@ def train(cfg: TrainConfig) -> Path:
         pixels, prompts, actions = data.sample(gen)
         # bf16 matmuls are ~2.6x faster on AVX512-BF16 CPUs; weights and optimizer stay fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, acc = action_loss(policy, pixels, prompts, actions, cfg.label_sigma)
+            if data.chunks is None:
+                loss, acc = action_loss(policy, pixels, prompts, actions, cfg.label_sigma)
+            else:
+                loss, acc = diffusion_loss(policy, pixels, prompts, actions, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -103,3 +103,14 @@ def test_soft_label_loss_is_ordinal():
     assert hard[1] == pytest.approx(hard[2])  # one-hot: a near miss is as bad as a far one
     assert soft[0] < soft[1] < soft[2]  # soft targets: it is not
     assert hard[0] < hard[1]
+
+
+def test_cogact_diffusion_training_loss_falls(demos, tmp_path):
+    """The same trainer trains CogACT's DiT head (noise-prediction MSE on 16-step chunks)."""
+    cfg = _cfg(demos, tmp_path / "cogact", preset="tiny-cogact", steps=40, lr=2e-3)
+    final = train(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "cogact/train_log.jsonl").open()]
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
+    policy = vla_prune.load_policy(final)
+    r = policy.step(torch.zeros(128, 128, 3, dtype=torch.uint8).numpy(), "press the red button")
+    assert r.actions.shape == (16, 7)
