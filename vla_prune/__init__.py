@@ -73,12 +73,17 @@ def build_policy(
     cfg = get_preset(name)
     if device is None:
         device = "meta" if name in FULL_SIZE else "cpu"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = (CogACTModel if isinstance(cfg, CogACTConfig) else OpenVLAModel)(cfg)
+    default_dtype = torch.get_default_dtype()
+    try:  # allocate in the target dtype: a 7 B model in fp32 first would need 30 GB
+        torch.set_default_dtype(dtype or default_dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = (CogACTModel if isinstance(cfg, CogACTConfig) else OpenVLAModel)(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
     if dtype is not None:
-        model.to(dtype=dtype)
+        model.to(dtype=dtype)  # anything created in fp32 regardless (e.g. integer-sized buffers)
     tokenizer = build_word_tokenizer(cfg.tokenizer_vocab_size, cfg.n_action_bins)
     stats = {"identity": identity_stats(cfg.action_dim)}
     if isinstance(cfg, CogACTConfig):
