@@ -28,12 +28,6 @@ __version__ = "0.1.0"
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
-def _preset_names() -> list[str]:
-    from .models.presets import PRESETS
-
-    return sorted(PRESETS)
-
-
 def policy_from(
     name_or_path: str | Path,
     unnorm_key: str | None = None,
@@ -63,12 +57,12 @@ def build_policy(
     """
     from .models.cogact import CogACTConfig, CogACTModel
     from .models.openvla import identity_stats
-    from .models.presets import FULL_SIZE, get_preset
+    from .models.presets import FULL_SIZE, PRESETS, get_preset
     from .models.prismatic import OpenVLAModel
     from .models.tokenizer import build_word_tokenizer
 
     shipped = CHECKPOINTS / name
-    if name not in _preset_names() and (shipped / "config.json").is_file():
+    if name not in PRESETS and (shipped / "config.json").is_file():
         return load_policy(shipped, device=device or "cpu", dtype=dtype)
     cfg = get_preset(name)
     if device is None:
