@@ -129,8 +129,8 @@ def cmd_profile(args) -> int:
         "timings_ms": timings,
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(args.device) / 1e9 if cuda else None,
     }
-    if args.out:
-        write_json(args.out, result)
+    safe = str(args.policy).strip("/").replace("/", "_")
+    write_json(args.out or f"runs/profile/{safe}.json", result)  # always: re-plot / compare later
     return 0
 
 
