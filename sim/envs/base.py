@@ -84,6 +84,15 @@ class LanguageConditionedEnv(gym.Env):
         """The language instruction of the current episode (valid after reset)."""
         raise NotImplementedError
 
+    def _info(self, success: bool) -> dict[str, Any]:
+        """The info dict every suite returns; suites add their own keys to it."""
+        return {
+            "success": bool(success),
+            "task": self.task,
+            "seed": getattr(self, "_seed", None),
+            "steps": getattr(self, "_steps", 0),
+        }
+
 
 class WrappedSimEnv(LanguageConditionedEnv):
     """Base of adapters around another simulator's env (LIBERO, SIMPLER): they keep the wrapped

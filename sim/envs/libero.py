@@ -344,14 +344,8 @@ class LiberoEnv(WrappedSimEnv):
         return obs
 
     def _info(self, success: bool) -> dict[str, Any]:
-        return {
-            "success": bool(success),
-            "task": self.task,
-            "libero_task": self.libero_task.name,
-            "seed": self._seed,
-            "init_state": self._init_index,
-            "steps": self._steps,
-        }
+        extra = {"libero_task": self.libero_task.name, "init_state": self._init_index}
+        return {**super()._info(success), **extra}
 
     @property
     def instruction(self) -> str:

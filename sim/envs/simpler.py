@@ -284,13 +284,6 @@ class SimplerEnv(WrappedSimEnv):
         self._last_obs = obs
         return obs
 
-    def _info(self, success: bool) -> dict[str, Any]:
-        return {
-            "success": bool(success),
-            "task": self.task,
-            "seed": self._seed,
-            "steps": self._steps,
-        }
 
     @property
     def instruction(self) -> str:

@@ -306,13 +306,8 @@ class EmbeddedEnv(LanguageConditionedEnv):
 
     def _info(self, success: bool) -> dict[str, Any]:
         assert self._task_instance is not None
-        return {
-            "success": bool(success),
-            "failed": self.family.is_failed(self._task_instance, self.scene_state()),
-            "task": self.task,
-            "seed": self._seed,
-            "steps": self._steps,
-        }
+        failed = self.family.is_failed(self._task_instance, self.scene_state())
+        return {**super()._info(success), "failed": failed}
 
     @property
     def instruction(self) -> str:
