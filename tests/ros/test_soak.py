@@ -15,7 +15,10 @@ pytest.importorskip("mujoco", reason="needs the sim extra: pip install -e '.[sim
 
 from ros_helpers import Harness, Proc, write_params  # noqa: E402
 
-pytestmark = [pytest.mark.ros, pytest.mark.sim, pytest.mark.slow]
+# Not in the default run: on this workplace's machines the loopback DDS latency was seen to
+# grow from ~5 ms to ~100 ms (p99 1.7 s) per message during one session, which turns 2000
+# lock-step steps into 15+ minutes. Run it explicitly: pytest -m ros_timing tests/ros
+pytestmark = [pytest.mark.ros, pytest.mark.sim, pytest.mark.slow, pytest.mark.ros_timing]
 
 WARMUP_STEPS = 300
 STEPS = 2000
@@ -42,7 +45,7 @@ def rss_kb(pid: int) -> int:
 def test_soak_memory_and_clean_shutdown(ros_env, client, micro_checkpoint, tmp_path):
     params = write_params(
         tmp_path / "params.yaml",
-        policy=dict(policy=str(micro_checkpoint), control_rate_hz=200.0, budget_ms=200.0,
+        policy=dict(policy=str(micro_checkpoint), trigger="image", budget_ms=200.0,
                     max_image_age_ms=5000.0, diagnostics_period_s=0.5),
         bridge=dict(task="press", episodes=0, lockstep=True, start_delay_s=0.05),
     )
