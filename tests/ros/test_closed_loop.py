@@ -66,7 +66,10 @@ def test_lockstep_episode_matches_in_process(ros_env, tiny_checkpoint, tmp_path)
             trigger="image",  # a step per new image (the timer path runs in the other tests)
             max_image_age_ms=60_000.0, warmup_steps=1,
         ),
-        bridge=dict(task=TASK, seed=SEED, episodes=1, lockstep=True, record_path=str(record)),
+        # A generous re-send timeout: a re-sent image could be acted on twice, which would rightly
+        # break the action-for-action comparison; slow loopback DDS must not trigger it.
+        bridge=dict(task=TASK, seed=SEED, episodes=1, lockstep=True, record_path=str(record),
+                    lockstep_timeout_s=120.0),
     )
     cmd = [sys.executable, "-m", "ros_nodes.launcher", "--params", str(params),
            "--domain-id", str(ros_env.domain_id)]
