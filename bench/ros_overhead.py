@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -185,20 +186,29 @@ def stop(proc, log, failed: bool = False) -> None:
     log.close()
 
 
+@contextmanager
+def running_node(args, tmp: Path, env: dict, **params):
+    """The policy node for the duration of a block; on a timeout its thread stacks go to the
+    log before it is stopped."""
+    proc, log = start_node(args, tmp, env, **params)
+    failed = False
+    try:
+        yield proc
+    except TimeoutError:
+        failed = True
+        raise
+    finally:
+        stop(proc, log, failed=failed)
+
+
 def overhead(args, cam: Camera, tmp: Path, env: dict) -> dict:
     step_log = tmp / "overhead_steps.jsonl"
-    proc, log = start_node(args, tmp, env, budget_ms=0.0, step_log_path=str(step_log))
-    try:
+    with running_node(args, tmp, env, budget_ms=0.0, step_log_path=str(step_log)):
         cam.spin_until(lambda: cam.state == "active" and cam.image_pub.get_subscription_count(),
                        120, "the policy node")
         cam.instruct(args.instruction)
         runs = [cam.step() for _ in range(args.warmup + args.steps)][args.warmup:]
         time.sleep(0.2)
-    except TimeoutError:
-        stop(proc, log, failed=True)
-        raise
-    finally:
-        stop(proc, log)
     steps = read_log(step_log)
     e2e, policy, node = [], [], []
     for stamp, sent, received, source in runs:
@@ -227,12 +237,11 @@ def budget_run(args, cam: Camera, tmp: Path, env: dict, step_ms: float) -> dict:
     budget = args.budget_ms or round(2.5 * step_ms, 1)
     inject = args.inject_ms or 2.0 * budget
     step_log = tmp / "budget_steps.jsonl"
-    proc, log = start_node(
+    answers = []
+    with running_node(
         args, tmp, env, budget_ms=budget, relax_after_steps=args.relax_after,
         inject_delay_mode="per_token", step_log_path=str(step_log),
-    )
-    answers = []
-    try:
+    ):
         cam.answers.clear()
         cam.spin_until(lambda: cam.state == "active" and cam.image_pub.get_subscription_count(),
                        120, "the policy node")
@@ -250,11 +259,6 @@ def budget_run(args, cam: Camera, tmp: Path, env: dict, step_ms: float) -> dict:
                 # "busy"; wait until the step is surely done, so each row here is one step.
                 time.sleep((budget + inject) / 1e3)
         time.sleep(2 * budget / 1e3 + inject / 1e3)
-    except TimeoutError:
-        stop(proc, log, failed=True)
-        raise
-    finally:
-        stop(proc, log)
     steps = read_log(step_log)
     for a in answers:
         rec = steps.get(a["stamp"], {})
