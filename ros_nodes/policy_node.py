@@ -5,12 +5,21 @@ deactivate stops it (lifecycle publishers stop publishing actions); cleanup / sh
 the model. With ``autostart`` (default) the node configures and activates itself.
 
 Each control tick (``control_rate_hz``; or each new image with ``trigger: image``) takes the
-latest camera image and runs one policy step in a worker thread, waiting at most ``budget_ms``.
-The robot always gets an answer per tick: the policy's action, or the safe action (``hold`` /
-``zero``) when the step missed its deadline, no fresh image arrived, the image is older than
-``max_image_age_ms``, the previous step still runs, or the input was rejected (a rejected image
-is answered at once). The latency controller (vla_prune.runtime.budget) picks the kept
-visual-token count for the next step from the measured latencies.
+latest camera image and starts one policy step in a worker thread; a one-shot deadline timer
+fires after ``budget_ms``. The robot always gets an answer per tick: the policy's action, or the
+safe action (``hold`` / ``zero``) when the step missed its deadline, no fresh image arrived, the
+image is older than ``max_image_age_ms``, the previous step overran and still runs, or the input
+was rejected (a rejected image is answered at once). The latency controller
+(vla_prune.runtime.budget) picks the kept visual-token count for the next step from the measured
+latencies.
+
+No callback ever waits for the policy: the step's end wakes the executor through a guard
+condition. So one SingleThreadedExecutor serves everything (inputs, diagnostics, parameters,
+lifecycle) while a step runs. (An earlier version blocked in a callback of rclpy's
+MultiThreadedExecutor. That executor (jazzy, rclpy 7.1) re-yields every task queued in its thread
+pool but not yet started and so never waits while one is queued; with the policy thread holding
+the GIL, tasks start late, and the spin loop burned a whole core and starved the policy: ~160-600
+ms per lock-step step of a ~10 ms policy, which we had mistaken for slow loopback DDS.)
 
 Run: ``python -m ros_nodes.policy_node --ros-args --params-file configs/ros/policy_node.yaml``.
 Topics, messages and diagnostics: see ros_nodes/actions.py and ros_nodes/diagnostics.py.
@@ -29,8 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import rclpy
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Empty, Float32MultiArray, String
@@ -68,6 +76,17 @@ class Frame:
     used: bool = False
 
 
+@dataclass
+class Step:
+    """A policy step in flight in the worker thread."""
+
+    future: cf.Future
+    frame: Frame
+    t0: float  # perf_counter at submission
+    end: float | None = None  # perf_counter when the worker finished (set by the worker)
+    missed: bool = False  # the deadline passed first: already answered with the safe action
+
+
 class PolicyNode(LifecycleNode):
     def __init__(self, name: str = NODE_NAME, **kw):
         super().__init__(name, **kw)
@@ -80,16 +99,15 @@ class PolicyNode(LifecycleNode):
         self._frame: Frame | None = None
         self._instruction: str | None = None
         self._last_gripper = self.p.initial_gripper
-        self._inflight: cf.Future | None = None
+        self._inflight: Step | None = None
         self._worker: cf.ThreadPoolExecutor | None = None
         self._timer = self._diag_timer = self._guard = None
+        self._done_guard = self._deadline = None  # step finished / step deadline
+        self._deadline_s = 0.0
         self._subs: list = []
         self._pubs: dict[str, object] = {}
         self._diag_pub = None
         self._state = "unconfigured"
-        self._control_group = MutuallyExclusiveCallbackGroup()
-        self._input_group = MutuallyExclusiveCallbackGroup()
-        self._diag_group = MutuallyExclusiveCallbackGroup()
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -123,6 +141,7 @@ class PolicyNode(LifecycleNode):
         p = self.p
         self._last_gripper = p.initial_gripper
         self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="policy")
+        self._done_guard = self.create_guard_condition(self._on_step_done)
         data_qos = qos(p.qos_depth, p.qos_reliability)
         # Actions keep a short history: a safe action right after a policy action must not
         # overwrite it before the consumer has taken it. Images keep only the latest.
@@ -139,25 +158,19 @@ class PolicyNode(LifecycleNode):
         from diagnostic_msgs.msg import DiagnosticArray
 
         self._diag_pub = self.create_publisher(DiagnosticArray, p.diagnostics_topic, 10)
-        group = self._input_group
         if p.image_transport == "compressed":
             image_sub = self.create_subscription(
-                CompressedImage, p.compressed_image_topic, self._on_compressed, data_qos,
-                callback_group=group,
+                CompressedImage, p.compressed_image_topic, self._on_compressed, data_qos
             )
         else:
-            image_sub = self.create_subscription(
-                Image, p.image_topic, self._on_image, data_qos, callback_group=group
-            )
+            image_sub = self.create_subscription(Image, p.image_topic, self._on_image, data_qos)
         self._subs = [
             image_sub,
             self.create_subscription(
                 String, p.instruction_topic, self._on_instruction,
-                qos(max(p.qos_depth, 1), "reliable", latched=True), callback_group=group,
+                qos(max(p.qos_depth, 1), "reliable", latched=True),
             ),
-            self.create_subscription(
-                Empty, p.reset_topic, self._on_reset, 10, callback_group=group
-            ),
+            self.create_subscription(Empty, p.reset_topic, self._on_reset, 10),
         ]
         self._start_diag_timer()
         self._state = "inactive"
@@ -203,6 +216,12 @@ class PolicyNode(LifecycleNode):
             diag, self._diag_pub = self._diag_pub, None
         if diag is not None:
             self.destroy_publisher(diag)
+        if self._done_guard is not None:
+            self.destroy_guard_condition(self._done_guard)
+            self._done_guard = None
+        if self._deadline is not None:
+            self.destroy_timer(self._deadline)
+            self._deadline = None
         if self._worker is not None:
             self._worker.shutdown(wait=True, cancel_futures=True)
             self._worker = None
@@ -213,14 +232,12 @@ class PolicyNode(LifecycleNode):
 
     def _start_control(self) -> None:
         """A timer at control_rate_hz, or (trigger: image) a guard condition each new image
-        triggers; both run `_tick` in the control callback group, one at a time."""
+        triggers; both run `_tick`."""
         self._stop_control()
         if self.p.trigger == "image":
-            self._guard = self.create_guard_condition(self._tick, self._control_group)
+            self._guard = self.create_guard_condition(self._tick)
         else:
-            self._timer = self.create_timer(
-                1.0 / self.p.control_rate_hz, self._tick, callback_group=self._control_group
-            )
+            self._timer = self.create_timer(1.0 / self.p.control_rate_hz, self._tick)
 
     def _stop_control(self) -> None:
         if self._timer is not None:
@@ -233,9 +250,7 @@ class PolicyNode(LifecycleNode):
     def _start_diag_timer(self) -> None:
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
-        self._diag_timer = self.create_timer(
-            self.p.diagnostics_period_s, self.publish_diagnostics, callback_group=self._diag_group
-        )
+        self._diag_timer = self.create_timer(self.p.diagnostics_period_s, self.publish_diagnostics)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -306,14 +321,21 @@ class PolicyNode(LifecycleNode):
         if rt is None or self._worker is None:
             return
         on_image = self.p.trigger == "image"
-        busy = self._inflight is not None and not self._inflight.done()
+        step = self._inflight
+        if step is not None and step.future.done():
+            self._on_step_done()  # finished, its wake-up not handled yet: handle it first
+            step = self._inflight
+        overran = step is not None and step.missed
         with self._lock:
             frame, instruction = self._frame, self._instruction
             fresh = instruction is not None and frame is not None and not frame.used
-            if fresh and (on_image or not busy):
+            if fresh and (step is None or (overran and on_image)):
                 frame.used = True  # each image is acted on at most once
-        if busy:  # the previous step overran its deadline and still runs
-            self._publish_safe("busy", frame.stamp if on_image and fresh else None)
+        if step is not None:
+            # Still within its deadline: nothing to say yet (its end re-triggers image mode).
+            # Past it: this tick, and an image that arrived meanwhile, get the safe action.
+            if overran:
+                self._publish_safe("busy", frame.stamp if on_image and fresh else None)
             return
         if instruction is None:
             self._publish_safe("no_instruction", frame.stamp if on_image and frame else None)
@@ -330,29 +352,83 @@ class PolicyNode(LifecycleNode):
             return
         rt.sync_policy()  # level change / reset, while the worker is idle
         t0 = time.perf_counter()
-        future = self._worker.submit(rt.infer, frame.image, instruction)
-        self._inflight = future
+        step = Step(self._worker.submit(rt.infer, frame.image, instruction), frame, t0)
+        self._inflight = step
+        step.future.add_done_callback(lambda _f, step=step: self._step_finished(step))
+        self._arm_deadline()
+
+    def _step_finished(self, step: Step) -> None:
+        """Worker thread: note the end time and wake the executor (-> _on_step_done)."""
+        step.end = time.perf_counter()
+        guard = self._done_guard
+        if guard is not None:
+            try:
+                guard.trigger()
+            except Exception:  # noqa: BLE001 - released meanwhile (cleanup / shutdown)
+                pass
+
+    def _arm_deadline(self) -> None:
+        """Start the one-shot deadline timer of the step just submitted."""
         budget = self.p.budget_ms
-        try:
-            result = future.result(timeout=budget / 1e3 if budget > 0 else MAX_STEP_S)
-        except cf.TimeoutError:
+        deadline_s = budget / 1e3 if budget > 0 else MAX_STEP_S
+        if self._deadline is None or deadline_s != self._deadline_s:
+            if self._deadline is not None:
+                self.destroy_timer(self._deadline)
+            self._deadline = self.create_timer(deadline_s, self._on_deadline)
+            self._deadline_s = deadline_s
+        else:
+            self._deadline.reset()
+
+    def _on_deadline(self) -> None:
+        self._deadline.cancel()
+        step = self._inflight
+        if step is None or step.missed:
+            return
+        if step.future.done():  # finished just in time; its wake-up is still queued
+            self._on_step_done()
+            return
+        step.missed = True
+        self.stats.missed()
+        self._publish_safe("deadline_miss", step.frame.stamp)
+
+    def _on_step_done(self) -> None:
+        step, rt = self._inflight, self.runtime
+        if step is None or not step.future.done():
+            return
+        self._inflight = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if rt is None:
+            return
+        if step.future.cancelled():
+            return
+        self._answer(step, rt)
+        with self._lock:
+            waiting = self._frame is not None and not self._frame.used
+        if waiting and self._guard is not None:  # image mode: an image came during the step
+            self._guard.trigger()
+
+    def _answer(self, step: Step, rt) -> None:
+        """The finished step's answer; one that overran was answered at its deadline."""
+        future, stamp = step.future, step.frame.stamp
+        error = future.exception()
+        if error is not None:
+            if not step.missed:
+                self._publish_safe(rt.classify_error(error), stamp)
+            return
+        latency = rt.finished(future, step.t0, step.missed, step.frame.stamp_ns, end=step.end)
+        if step.missed:
+            return
+        budget = self.p.budget_ms
+        if budget > 0 and latency > budget:  # finished past the deadline, before its timer
             self.stats.missed()
-            self._publish_safe("deadline_miss", frame.stamp)
-            future.add_done_callback(lambda f: rt.finished(f, t0, True, frame.stamp_ns))
+            self._publish_safe("deadline_miss", stamp)
             return
-        except Exception as e:  # noqa: BLE001 - the node never dies on a policy error
-            reason = rt.classify_error(e)
-            self._publish_safe(reason, frame.stamp)
-            return
-        latency = rt.finished(future, t0, False, frame.stamp_ns)
-        if budget > 0 and latency > budget:  # finished just past the deadline
-            self.stats.missed()
-            self._publish_safe("deadline_miss", frame.stamp)
-            return
+        result = future.result()
         if not np.isfinite(result.actions).all():
-            self._publish_safe("non_finite_action", frame.stamp)
+            self._publish_safe("non_finite_action", stamp)
             return
-        self._publish(result.actions, frame.stamp, POLICY_SOURCE)
+        self._publish(result.actions, stamp, POLICY_SOURCE)
         self.stats.published()
 
     def _publish_safe(self, reason: str, stamp) -> None:
@@ -394,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{NODE_NAME}: error: {e}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     code = 0
     try:

@@ -131,9 +131,13 @@ class PolicyRuntime:
             result.timings_ms["total"] += delay
         return result
 
-    def finished(self, future: cf.Future, t0: float, missed: bool, stamp_ns: int = 0) -> float:
-        """Bookkeeping when a step ends: latency (ms since t0) -> controller and statistics."""
-        latency = (time.perf_counter() - t0) * 1e3
+    def finished(
+        self, future: cf.Future, t0: float, missed: bool, stamp_ns: int = 0,
+        end: float | None = None,
+    ) -> float:
+        """Bookkeeping when a step ends: latency (ms from t0 to `end`, default now) -> controller
+        and statistics."""
+        latency = ((time.perf_counter() if end is None else end) - t0) * 1e3
         if future.cancelled() or future.exception() is not None:
             return latency
         result = future.result()

@@ -53,8 +53,10 @@ def bad_images(h: Harness):
         ("bad_size", lambda: msg(np.zeros((1, 4, 3), np.uint8))),
         ("non_finite", lambda: msg(nan, encoding="32FC3")),
         ("non_finite", lambda: msg(inf, encoding="32FC3")),
-        ("stale_image", lambda: msg(stamp=shifted(-10.0))),
-        ("future_stamp", lambda: msg(stamp=shifted(+10.0))),
+        # An hour off: the node may reach a message of this burst seconds after it was sent, and
+        # a +10 s stamp read 10 s late is (rightly) no longer in the future.
+        ("stale_image", lambda: msg(stamp=shifted(-3600.0))),
+        ("future_stamp", lambda: msg(stamp=shifted(+3600.0))),
     ]
 
 
@@ -67,10 +69,9 @@ BAD_INSTRUCTIONS = [
 ]
 
 
-# Not in the default run (marker ros_timing): its exact per-reason counts assume loopback DDS
-# delivers within the image-age limit, and that latency was seen to degrade on these machines
-# (see test_soak.py). Run it with: pytest -m ros_timing tests/ros
-@pytest.mark.ros_timing
+DELIVERY_S = 180  # generous: a timeout only matters when the test fails
+
+
 def test_fuzz_and_lifecycle(ros_env, start_node, client, micro_checkpoint, tmp_path):
     from std_msgs.msg import String
 
@@ -81,6 +82,9 @@ def test_fuzz_and_lifecycle(ros_env, start_node, client, micro_checkpoint, tmp_p
         policy=str(micro_checkpoint), budget_ms=0.0, control_rate_hz=20.0,
         qos_depth=1000,  # keep every fuzz message: each one must be counted
         max_image_side=1024, max_instruction_chars=1000, diagnostics_period_s=0.2,
+        # Malformed images are rejected before their stamp is checked; a wide age limit keeps
+        # the good images good however far behind the node runs in the burst.
+        max_image_age_ms=60_000.0,
     ))
     node = start_node("policy", params)
     h = Harness(client, image_depth=1000)
@@ -108,7 +112,7 @@ def test_fuzz_and_lifecycle(ros_env, start_node, client, micro_checkpoint, tmp_p
     total = sum(sent.values())
     assert total >= 500
 
-    client.spin_until(lambda: h.value("inputs", "rejected_total") >= total, 30,
+    client.spin_until(lambda: h.value("inputs", "rejected_total") >= total, DELIVERY_S,
                       f"{total} rejections on diagnostics (sent {dict(sent)})")
     assert node.alive()
     inputs = h.diag["inputs"]
@@ -118,7 +122,7 @@ def test_fuzz_and_lifecycle(ros_env, start_node, client, micro_checkpoint, tmp_p
     # Every bad image was answered with the safe action for its own stamp.
     client.spin_until(
         lambda: len({a.stamp for a in h.answers if a.stamp in bad_stamps}) == len(bad_stamps),
-        10, "a safe answer to every bad image",
+        DELIVERY_S, "a safe answer to every bad image",
     )
     answered = [a for a in h.answers if a.stamp in bad_stamps]
     assert all(a.source.startswith("safe/") for a in answered)

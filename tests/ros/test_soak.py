@@ -15,13 +15,12 @@ pytest.importorskip("mujoco", reason="needs the sim extra: pip install -e '.[sim
 
 from ros_helpers import Harness, Proc, write_params  # noqa: E402
 
-# Not in the default run: on this workplace's machines the loopback DDS latency was seen to
-# grow from ~5 ms to ~100 ms (p99 1.7 s) per message during one session, which turns 2000
-# lock-step steps into 15+ minutes. Run it explicitly: pytest -m ros_timing tests/ros
-pytestmark = [pytest.mark.ros, pytest.mark.sim, pytest.mark.slow, pytest.mark.ros_timing]
+pytestmark = [pytest.mark.ros, pytest.mark.sim, pytest.mark.slow]
 
 WARMUP_STEPS = 300
 STEPS = 2000
+# ~25 s here (~85 lock-step steps/s); the timeout only matters when the test fails.
+SOAK_TIMEOUT_S = 600
 
 
 def children(pid: int) -> dict[str, int]:
@@ -59,7 +58,7 @@ def test_soak_memory_and_clean_shutdown(ros_env, client, micro_checkpoint, tmp_p
         pids = children(launcher.pid)
         assert set(pids) == {"policy", "bridge"}, pids
         base, t0, n0 = rss_kb(pids["policy"]), time.monotonic(), steps()
-        client.spin_until(lambda: steps() >= STEPS, 240, f"{STEPS} steps")
+        client.spin_until(lambda: steps() >= STEPS, SOAK_TIMEOUT_S, f"{STEPS} steps")
         final = rss_kb(pids["policy"])
         rate = (steps() - n0) / (time.monotonic() - t0)
         growth = (final - base) / base
