@@ -4,22 +4,15 @@ Lifecycle: configure loads the model and creates topics; activate starts the con
 deactivate stops it (lifecycle publishers stop publishing actions); cleanup / shutdown release
 the model. With ``autostart`` (default) the node configures and activates itself.
 
-Each control tick (``control_rate_hz``; or each new image with ``trigger: image``) takes the
-latest camera image and starts one policy step in a worker thread; a one-shot deadline timer
-fires after ``budget_ms``. The robot always gets an answer per tick: the policy's action, or the
-safe action (``hold`` / ``zero``) when the step missed its deadline, no fresh image arrived, the
-image is older than ``max_image_age_ms``, the previous step overran and still runs, or the input
-was rejected (a rejected image is answered at once). The latency controller
+Each control tick (``control_rate_hz``; or each new image with ``trigger: image``) runs one
+policy step on the latest camera image under a deadline of ``budget_ms`` (ros_nodes/
+step_control.py). The robot always gets an answer per tick: the policy's action, or the safe
+action (``hold`` / ``zero``) when the step missed its deadline, no fresh image arrived, the image
+is older than ``max_image_age_ms``, the previous step overran and still runs, or the input was
+rejected (a rejected image is answered at once). The latency controller
 (vla_prune.runtime.budget) picks the kept visual-token count for the next step from the measured
-latencies.
-
-No callback ever waits for the policy: the step's end wakes the executor through a guard
-condition. So one SingleThreadedExecutor serves everything (inputs, diagnostics, parameters,
-lifecycle) while a step runs. (An earlier version blocked in a callback of rclpy's
-MultiThreadedExecutor. That executor (jazzy, rclpy 7.1) re-yields every task queued in its thread
-pool but not yet started and so never waits while one is queued; with the policy thread holding
-the GIL, tasks start late, and the spin loop burned a whole core and starved the policy: ~160-600
-ms per lock-step step of a ~10 ms policy, which we had mistaken for slow loopback DDS.)
+latencies. No callback waits for the policy, so one SingleThreadedExecutor serves inputs,
+diagnostics, parameters and lifecycle while a step runs.
 
 Run: ``python -m ros_nodes.policy_node --ros-args --params-file configs/ros/policy_node.yaml``.
 Topics, messages and diagnostics: see ros_nodes/actions.py and ros_nodes/diagnostics.py.
@@ -32,8 +25,6 @@ import faulthandler
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import rclpy
@@ -62,32 +53,13 @@ from ros_nodes.params import (
     updated_policy_params,
 )
 from ros_nodes.policy_runtime import PolicyRuntime
+from ros_nodes.step_control import Frame, Step, StepControl
 
 NODE_NAME = "vla_policy"
 ACTION_DEPTH = 10
-MAX_STEP_S = 30.0  # without a budget a step still may not hold up control longer than this
 
 
-@dataclass
-class Frame:
-    image: np.ndarray
-    stamp_ns: int
-    stamp: object  # builtin_interfaces/Time, echoed in the answer
-    used: bool = False
-
-
-@dataclass
-class Step:
-    """A policy step in flight in the worker thread."""
-
-    future: cf.Future
-    frame: Frame
-    t0: float  # perf_counter at submission
-    end: float | None = None  # perf_counter when the worker finished (set by the worker)
-    missed: bool = False  # the deadline passed first: already answered with the safe action
-
-
-class PolicyNode(LifecycleNode):
+class PolicyNode(StepControl, LifecycleNode):
     def __init__(self, name: str = NODE_NAME, **kw):
         super().__init__(name, **kw)
         self.p = declare(self, PolicyNodeParams)
@@ -313,123 +285,6 @@ class PolicyNode(LifecycleNode):
     def _on_reset(self, msg: Empty) -> None:
         if self.runtime is not None:
             self.runtime.request_reset()
-
-    # -- control ------------------------------------------------------------------------------
-
-    def _tick(self) -> None:
-        rt = self.runtime
-        if rt is None or self._worker is None:
-            return
-        on_image = self.p.trigger == "image"
-        step = self._inflight
-        if step is not None and step.future.done():
-            self._on_step_done()  # finished, its wake-up not handled yet: handle it first
-            step = self._inflight
-        overran = step is not None and step.missed
-        with self._lock:
-            frame, instruction = self._frame, self._instruction
-            fresh = instruction is not None and frame is not None and not frame.used
-            if fresh and (step is None or (overran and on_image)):
-                frame.used = True  # each image is acted on at most once
-        if step is not None:
-            # Still within its deadline: nothing to say yet (its end re-triggers image mode).
-            # Past it: this tick, and an image that arrived meanwhile, get the safe action.
-            if overran:
-                self._publish_safe("busy", frame.stamp if on_image and fresh else None)
-            return
-        if instruction is None:
-            self._publish_safe("no_instruction", frame.stamp if on_image and frame else None)
-            return
-        if not fresh:
-            if not on_image:  # a tick without a new image: hold (image mode: nothing to do)
-                self._publish_safe("no_fresh_image", None)
-            return
-        try:
-            check_stamp(frame.stamp_ns, self.get_clock().now().nanoseconds,
-                        self.p.max_image_age_ms)
-        except Rejected as e:
-            self._publish_safe(e.reason, frame.stamp)
-            return
-        rt.sync_policy()  # level change / reset, while the worker is idle
-        t0 = time.perf_counter()
-        step = Step(self._worker.submit(rt.infer, frame.image, instruction), frame, t0)
-        self._inflight = step
-        step.future.add_done_callback(lambda _f, step=step: self._step_finished(step))
-        self._arm_deadline()
-
-    def _step_finished(self, step: Step) -> None:
-        """Worker thread: note the end time and wake the executor (-> _on_step_done)."""
-        step.end = time.perf_counter()
-        guard = self._done_guard
-        if guard is not None:
-            try:
-                guard.trigger()
-            except Exception:  # noqa: BLE001 - released meanwhile (cleanup / shutdown)
-                pass
-
-    def _arm_deadline(self) -> None:
-        """Start the one-shot deadline timer of the step just submitted."""
-        budget = self.p.budget_ms
-        deadline_s = budget / 1e3 if budget > 0 else MAX_STEP_S
-        if self._deadline is None or deadline_s != self._deadline_s:
-            if self._deadline is not None:
-                self.destroy_timer(self._deadline)
-            self._deadline = self.create_timer(deadline_s, self._on_deadline)
-            self._deadline_s = deadline_s
-        else:
-            self._deadline.reset()
-
-    def _on_deadline(self) -> None:
-        self._deadline.cancel()
-        step = self._inflight
-        if step is None or step.missed:
-            return
-        if step.future.done():  # finished just in time; its wake-up is still queued
-            self._on_step_done()
-            return
-        step.missed = True
-        self.stats.missed()
-        self._publish_safe("deadline_miss", step.frame.stamp)
-
-    def _on_step_done(self) -> None:
-        step, rt = self._inflight, self.runtime
-        if step is None or not step.future.done():
-            return
-        self._inflight = None
-        if self._deadline is not None:
-            self._deadline.cancel()
-        if rt is None:
-            return
-        if step.future.cancelled():
-            return
-        self._answer(step, rt)
-        with self._lock:
-            waiting = self._frame is not None and not self._frame.used
-        if waiting and self._guard is not None:  # image mode: an image came during the step
-            self._guard.trigger()
-
-    def _answer(self, step: Step, rt) -> None:
-        """The finished step's answer; one that overran was answered at its deadline."""
-        future, stamp = step.future, step.frame.stamp
-        error = future.exception()
-        if error is not None:
-            if not step.missed:
-                self._publish_safe(rt.classify_error(error), stamp)
-            return
-        latency = rt.finished(future, step.t0, step.missed, step.frame.stamp_ns, end=step.end)
-        if step.missed:
-            return
-        budget = self.p.budget_ms
-        if budget > 0 and latency > budget:  # finished past the deadline, before its timer
-            self.stats.missed()
-            self._publish_safe("deadline_miss", stamp)
-            return
-        result = future.result()
-        if not np.isfinite(result.actions).all():
-            self._publish_safe("non_finite_action", stamp)
-            return
-        self._publish(result.actions, stamp, POLICY_SOURCE)
-        self.stats.published()
 
     def _publish_safe(self, reason: str, stamp) -> None:
         self.stats.safe(reason)
