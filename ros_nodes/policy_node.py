@@ -292,6 +292,8 @@ class PolicyNode(StepControl, LifecycleNode):
         self._publish(action, stamp, SAFE_PREFIX + reason)
 
     def _publish(self, actions: np.ndarray, stamp, source: str) -> None:
+        if self._state != "active":  # a step that ends after deactivate: no action, no warning
+            return
         if stamp is None:
             stamp = self.get_clock().now().to_msg()
         flat, stamped = build_action_msgs(actions, stamp, source)
