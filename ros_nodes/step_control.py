@@ -137,9 +137,7 @@ class StepControl:
         self._inflight = None
         if self._deadline is not None:
             self._deadline.cancel()
-        if rt is None:
-            return
-        if step.future.cancelled():
+        if rt is None or step.future.cancelled():  # released meanwhile
             return
         self._answer(step, rt)
         with self._lock:
