@@ -49,6 +49,8 @@ class TrainConfig:
     label_sigma: float = 0.0  # >0: Gaussian soft targets over neighbouring bins (HL-Gauss)
     shift: int = 4  # random-shift augmentation in pixels of the stored image (0 = off)
     blind: bool = False  # honesty control: the image is replaced by a constant gray frame
+    aux_weight: float = 0.0  # >0: also regress scene geometry (see aux_targets)
+    init_from: str = ""  # start from a trained checkpoint's weights (e.g. CogACT from OpenVLA)
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
     seed: int = 0
     threads: int = 2
@@ -95,6 +97,7 @@ class DemoBatches:
             chunk_rows += [[start + min(t + j, n - 1) for j in range(chunk)] for t in range(n)]
             start += n
         self.images = np.concatenate(images)
+        self.aux = torch.from_numpy(aux_targets(data)) if cfg.aux_weight > 0 else None
         raw = np.concatenate(actions).astype(np.float32)
         self.stats = action_stats(raw)
         normalized = normalize(raw, self.stats)
@@ -126,7 +129,47 @@ class DemoBatches:
             pixels.append(image_to_pixels(img, pc.image_size, pc.image_means, pc.image_stds))
         prompts = [self.prompt_ids[i] for i in idx.tolist()]
         targets = self.action_tokens[idx] if self.chunks is None else self.chunks[idx]
-        return torch.cat(pixels), prompts, targets
+        aux = self.aux[idx] if self.aux is not None else None
+        return torch.cat(pixels), prompts, targets, aux
+
+
+AUX_DIM = 8
+AUX_SCALE = 1 / 0.3  # metres -> roughly [-1, 1] over the table
+
+
+def aux_targets(data: str) -> np.ndarray:
+    """Per transition: [gripper x, y, z, opening, source x, y, destination x, y] (scaled).
+
+    A training-only signal: the demos' gripper state plus where the episode's target starts
+    (the button / object to move) and where it must go (button / pad / plate / base object),
+    recovered by resetting the env with the episode's seed. Regressing it from the same hidden
+    state that predicts the first action token teaches the vision tower and the LLM *where
+    things are* far sooner than the action loss alone, which on a from-scratch model sits at
+    the marginal action for thousands of steps. The exported checkpoint does not contain the
+    regression head: it is plain OpenVLA.
+    """
+    from sim.envs.embedded import EmbeddedEnv
+
+    envs: dict[str, EmbeddedEnv] = {}
+    rows = []
+    for ep in load_demos(data):
+        if ep.family not in envs:
+            envs[ep.family] = EmbeddedEnv(ep.family, image_size=16)
+        env = envs[ep.family]
+        env.reset(seed=ep.seed)
+        task = env.task_instance
+        if task.fixtures:
+            dst = task.fixtures[task.target_fixture].xy
+            src = dst if task.target_object is None else task.objects[task.target_object].xy
+        else:  # stack: the target object goes onto the base object
+            src, dst = task.objects[task.target_object].xy, task.objects[task.base_object].xy
+        geo = np.asarray([*src, *dst], dtype=np.float32) * AUX_SCALE
+        state = ep.states.astype(np.float32).copy()
+        state[:, :3] *= AUX_SCALE
+        rows.append(np.concatenate([state, np.broadcast_to(geo, (len(state), 4))], axis=1))
+    for env in envs.values():
+        env.close()
+    return np.concatenate(rows).astype(np.float32)
 
 
 def _random_shift(img: np.ndarray, pad: int, gen: torch.Generator) -> np.ndarray:
@@ -135,7 +178,15 @@ def _random_shift(img: np.ndarray, pad: int, gen: torch.Generator) -> np.ndarray
     return padded[dy : dy + img.shape[0], dx : dx + img.shape[1]]
 
 
-def action_loss(policy: vla_prune.Policy, pixels, prompts, action_tokens, label_sigma: float = 0.0):
+def action_loss(
+    policy: vla_prune.Policy,
+    pixels,
+    prompts,
+    action_tokens,
+    label_sigma: float = 0.0,
+    aux_head: torch.nn.Module | None = None,
+    aux: torch.Tensor | None = None,
+):
     """Cross-entropy of the 7 action tokens given image + prompt (teacher forcing).
 
     label_sigma > 0: ordinal soft targets (HL-Gauss): a Gaussian of that many bins around the
@@ -152,7 +203,10 @@ def action_loss(policy: vla_prune.Policy, pixels, prompts, action_tokens, label_
     at = policy.action_tokenizer
     loss = soft_label_loss(logits, action_tokens, at.first_action_id, at.n_bins, label_sigma)
     acc = (logits.argmax(-1) == action_tokens).float().mean()
-    return loss, acc
+    if aux_head is not None and aux is not None:  # from the row that predicts the first action
+        aux_loss = F.smooth_l1_loss(aux_head(h[:, 0]).float(), aux, beta=0.1)
+        return loss, acc, aux_loss
+    return loss, acc, torch.zeros(())
 
 
 def _last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None):
@@ -178,7 +232,16 @@ def _last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None):
     return lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, lengths
 
 
-def diffusion_loss(policy, pixels, prompts, chunks, gen: torch.Generator, repeats: int = 4):
+def diffusion_loss(
+    policy,
+    pixels,
+    prompts,
+    chunks,
+    gen: torch.Generator,
+    repeats: int = 4,
+    aux_head: torch.nn.Module | None = None,
+    aux: torch.Tensor | None = None,
+):
     """CogACT's objective: predict the noise added to the normalized action chunk at a random
     diffusion step, conditioned on the cognition token's final hidden state; the condition is
     dropped (replaced by the learned unconditional embedding) at the DiT's class-dropout rate,
@@ -188,6 +251,9 @@ def diffusion_loss(policy, pixels, prompts, chunks, gen: torch.Generator, repeat
     hidden, lengths = _last_hidden(policy, pixels, prompts)
     b = hidden.shape[0]
     z = hidden[torch.arange(b), torch.tensor(lengths) - 1][:, None]  # [B, 1, D]
+    aux_loss = torch.zeros(())
+    if aux_head is not None and aux is not None:  # the cognition token, as for OpenVLA's query
+        aux_loss = F.smooth_l1_loss(aux_head(z[:, 0]).float(), aux, beta=0.1)
     net = policy.model.action_model.net
     drop = torch.rand(b, generator=gen) < net.cfg.class_dropout_prob
     if drop.any():
@@ -199,7 +265,7 @@ def diffusion_loss(policy, pixels, prompts, chunks, gen: torch.Generator, repeat
     ab = squaredcos_alphas_cumprod(steps)[t].float()[:, None, None]
     eps = net(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t, z)
     loss = F.mse_loss(eps.float(), noise)
-    return loss, torch.zeros(())
+    return loss, torch.zeros(()), aux_loss
 
 
 def soft_label_loss(
@@ -215,6 +281,25 @@ def soft_label_loss(
     return -(soft * logp).sum(-1).mean()
 
 
+def init_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """Copy every weight of a trained checkpoint into `model`, which may have more modules.
+
+    This is how CogACT itself was made: its VLM starts from OpenVLA's weights and the DiT
+    action head from scratch. Every checkpoint weight must exist in `model` with its shape."""
+    source = vla_prune.load_policy(checkpoint).model.state_dict()
+    target = model.state_dict()
+    bad = [
+        f"{k} {tuple(v.shape)} -> {tuple(target[k].shape) if k in target else 'missing'}"
+        for k, v in source.items()
+        if k not in target or target[k].shape != v.shape
+    ]
+    if bad:
+        raise ValueError(f"{checkpoint} does not fit the model: {bad[:5]}")
+    model.load_state_dict(source, strict=False)
+    fresh = sorted({k.rsplit(".", 1)[0] for k in target if k not in source})
+    log.info("initialized %d tensors from %s; from scratch: %s", len(source), checkpoint, fresh[:8])
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -227,10 +312,14 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     policy = vla_prune.build_policy(cfg.preset, seed=cfg.seed)
+    if cfg.init_from:
+        init_weights(policy.model, cfg.init_from)
     data = DemoBatches(cfg.data, policy, cfg)
     model = policy.model.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM) if cfg.aux_weight > 0 else None
+    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
@@ -247,6 +336,8 @@ def train(cfg: TrainConfig) -> Path:
         if state["config"] != asdict(cfg):
             raise ValueError(f"{state_path} was written with a different config; use a new --out")
         model.load_state_dict(state["model"])
+        if aux_head is not None:
+            aux_head.load_state_dict(state["aux_head"])
         opt.load_state_dict(state["optim"])
         gen.set_state(state["generator"])
         step = state["step"]
@@ -256,16 +347,20 @@ def train(cfg: TrainConfig) -> Path:
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        pixels, prompts, actions = data.sample(gen)
+        pixels, prompts, actions, aux = data.sample(gen)
         # bf16 matmuls are ~2.6x faster on AVX512-BF16 CPUs; weights and optimizer stay fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             if data.chunks is None:
-                loss, acc = action_loss(policy, pixels, prompts, actions, cfg.label_sigma)
+                loss, acc, aux_loss = action_loss(
+                    policy, pixels, prompts, actions, cfg.label_sigma, aux_head, aux
+                )
             else:
-                loss, acc = diffusion_loss(policy, pixels, prompts, actions, gen)
+                loss, acc, aux_loss = diffusion_loss(
+                    policy, pixels, prompts, actions, gen, aux_head=aux_head, aux=aux
+                )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        (loss + cfg.aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         seen += len(prompts)
@@ -276,17 +371,19 @@ def train(cfg: TrainConfig) -> Path:
                 "step": step,
                 "loss": round(loss.item(), 4),
                 "acc": round(acc.item(), 4),
+                "aux_loss": round(aux_loss.item(), 4),
                 "lr": lr_at(step, cfg),
                 "samples_per_s": round(rate, 1),
             }
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             log.info(
-                "step %d/%d loss %.4f acc %.3f lr %.2e | %.1f samples/s, ETA %.1f min",
+                "step %d/%d loss %.4f acc %.3f aux %.4f lr %.2e | %.1f samples/s, ETA %.1f min",
                 step,
                 cfg.steps,
                 rec["loss"],
                 rec["acc"],
+                rec["aux_loss"],
                 rec["lr"],
                 rate,
                 eta,
@@ -296,6 +393,7 @@ def train(cfg: TrainConfig) -> Path:
             torch.save(
                 {
                     "model": model.state_dict(),
+                    "aux_head": aux_head.state_dict() if aux_head else {},
                     "optim": opt.state_dict(),
                     "generator": gen.get_state(),
                     "step": step,

@@ -112,8 +112,14 @@ def test_prefill_probe_after_the_pruning_point():
     embeds = _embeds(policy, random_image(6), "press the yellow button")
     kept = torch.arange(0, 256, 4)
     engine = policy.engine
-    engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, prune_layer=1,
-                   prune_hook=lambda ctx: kept[None], record_layers=(3,))
+    engine.prefill(
+        embeds,
+        torch.zeros(1, dtype=torch.long),
+        7,
+        prune_layer=1,
+        prune_hook=lambda ctx: kept[None],
+        record_layers=(3,),
+    )
     ctx = engine.last_context
     assert ctx.hidden_in[3].shape[1] == embeds.shape[1] - 256 + 64
     got = ctx.attention(3, torch.tensor([[-1]]))[0, :, 0]  # [H, 256]

@@ -31,7 +31,14 @@ log = logging.getLogger(__name__)
 
 # "decode" is OpenVLA's token decoding; diffusion heads (CogACT) report "action_head" instead.
 STAGES = (
-    "preprocess", "vision", "projector", "prefill", "prune", "decode", "action_head", "post",
+    "preprocess",
+    "vision",
+    "projector",
+    "prefill",
+    "prune",
+    "decode",
+    "action_head",
+    "post",
     "total",
 )
 
@@ -144,7 +151,8 @@ class Policy:
         _, sem, act = prune.resolve_layers(n)
         needs = make_pruner(prune).needs
         probed = ({sem} if needs & {"semantic", "text_attention"} else set()) | (
-            {act} if "action" in needs else set())
+            {act} if "action" in needs else set()
+        )
         if skips & probed:
             raise ValueError(
                 f"cannot skip layers {sorted(skips & probed)}: {prune.method} reads their "
@@ -334,8 +342,14 @@ class Policy:
         """The pruning hook at layer K: scores for the pruner, its choice per batch slot."""
         b = ctx.embeds.shape[0]
         return select_tokens(
-            ctx, self._pruner, self.prune_config, sem_layer,
-            self._histories[:b], self._rngs[:b], self._steps[:b], report,
+            ctx,
+            self._pruner,
+            self.prune_config,
+            sem_layer,
+            self._histories[:b],
+            self._rngs[:b],
+            self._steps[:b],
+            report,
         )
 
     # -- persistence --------------------------------------------------------------------------

@@ -111,4 +111,3 @@ class WrappedSimEnv(LanguageConditionedEnv):
         if self._env is not None:
             self._env.close()
             self._env = None
-

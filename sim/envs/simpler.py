@@ -251,7 +251,6 @@ class SimplerEnv(WrappedSimEnv):
         info = {**env_info, **self._info(success), "subtask_advanced": advanced}
         return self._observe(raw), float(reward), terminated, truncated, info
 
-
     # --- conversions and helpers --------------------------------------------------------------
 
     def convert_action(self, action: Any) -> np.ndarray:
@@ -283,7 +282,6 @@ class SimplerEnv(WrappedSimEnv):
         obs: Obs = {"image": img, "instruction": self.instruction, "state": state}
         self._last_obs = obs
         return obs
-
 
     @property
     def instruction(self) -> str:

@@ -50,10 +50,32 @@ class RunConfig:
     # Honesty control: the policy sees a constant gray frame instead of the camera (the blind
     # checkpoint is trained the same way: sim.train --blind).
     blind: bool = False
+    # CogACT only: DiT feature caching, recompute every `cache` DDIM steps (None = no cache).
+    cache: int | None = None
+    # LLM decoder layers to skip (e.g. from `vla-prune calibrate`); () = run every layer.
+    skip_layers: tuple[int, ...] = ()
+    # CogACT only: adaptive action ensemble, one action per control step (CogACT's own
+    # deployment) instead of executing each 16-step chunk open loop.
+    ensemble: bool = False
+
+    def __post_init__(self):
+        if self.cache is not None and (
+            not isinstance(self.cache, int) or isinstance(self.cache, bool) or self.cache < 1
+        ):
+            raise ValueError(f"configuration {self.label!r}: cache must be an int >= 1")
+        object.__setattr__(self, "skip_layers", tuple(int(i) for i in self.skip_layers))
 
     def to_dict(self) -> dict[str, Any]:
         d = {"label": self.label, "policy": self.policy, "prune": prune_dict(self.prune)}
-        return {**d, "blind": True} if self.blind else d
+        if self.blind:
+            d["blind"] = True
+        if self.cache is not None:
+            d["cache"] = self.cache
+        if self.skip_layers:
+            d["skip_layers"] = list(self.skip_layers)
+        if self.ensemble:
+            d["ensemble"] = True
+        return d
 
 
 @dataclass
@@ -168,12 +190,15 @@ def parse_run_spec(spec: str, policy: str | None = None) -> RunConfig:
 
 
 def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
-    """A YAML `configs:` entry: a spec string or {label, prune: mapping | yaml path, policy}."""
+    """A YAML `configs:` entry: a spec string or a mapping
+    {label, prune: mapping | yaml path, policy, blind, cache: N, skip_layers: [..] | path,
+    ensemble}."""
     if isinstance(entry, str):
         return parse_run_spec(entry)
     if not isinstance(entry, dict) or "label" not in entry:
         raise ValueError(f"{source}: configuration {entry!r} needs a label (or be a spec string)")
-    unknown = sorted(set(entry) - {"label", "policy", "prune", "blind"})
+    keys = {"label", "policy", "prune", "blind", "cache", "skip_layers", "ensemble"}
+    unknown = sorted(set(entry) - keys)
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown} in configuration {entry['label']!r}")
     prune = entry.get("prune") or {}
@@ -181,9 +206,19 @@ def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
         prune = load_yaml(PruneConfig, prune)
     else:
         prune = from_dict(PruneConfig, prune, source=f"{source}: {entry['label']}")
+    skips = entry.get("skip_layers") or ()
+    if isinstance(skips, str):  # a skip-list file written by `vla-prune calibrate`
+        from vla_prune.caching.layer_skip import load_skip_list
+
+        skips = load_skip_list(skips)
     return RunConfig(
-        str(entry["label"]), entry.get("policy"), _check_method(prune, source),
+        str(entry["label"]),
+        entry.get("policy"),
+        _check_method(prune, source),
         blind=bool(entry.get("blind", False)),
+        cache=entry.get("cache"),
+        skip_layers=tuple(skips),
+        ensemble=bool(entry.get("ensemble", False)),
     )
 
 

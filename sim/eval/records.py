@@ -7,7 +7,9 @@ episode ends, all configurations in one file (episodes of a (task, seed) are adj
     policy_steps (policy calls), instruction, obs_hash (first observation, for pairing checks),
     kept_visual_tokens (mean per policy call), latency_ms {stage: {median, p99}} (this episode),
     step_ms {stage: [ms per policy call]} (raw; step_ms["total"] is the per-step total),
-    policy, prune (PruneConfig as a dict), wall_s, video (path relative to OUT, or null)
+    policy, prune (PruneConfig as a dict), cache (CogACT DiT cache interval or null),
+    skip_layers (LLM layers skipped), ensemble (CogACT action ensemble), wall_s,
+    video (path relative to OUT, or null)
 
 (label, task, seed) identifies an episode; a file never holds one twice.
 """

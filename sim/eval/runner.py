@@ -33,6 +33,7 @@ from sim.eval.records import (
 )
 from sim.eval.stats import latency
 from sim.eval.summary import report
+from vla_prune.caching.dit_cache import CacheConfig
 
 # Headless rendering unless the user chose a GL backend; must precede the first mujoco import.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -68,7 +69,7 @@ def load_eval_policy(
 
 
 def check_policy_name(name: str) -> str:
-    """"checkpoint" or "preset"; ValueError (cheap, before any loading) if it is neither."""
+    """ "checkpoint" or "preset"; ValueError (cheap, before any loading) if it is neither."""
     from vla_prune import CHECKPOINTS
     from vla_prune.models.presets import PRESETS
 
@@ -143,6 +144,19 @@ def obs_hash(obs: dict[str, Any]) -> str:
 def _median_p99(values: list[float]) -> dict[str, float]:
     stats = latency(values)
     return {"median": round(stats["median"], 3), "p99": round(stats["p99"], 3)}
+
+
+def configure_run(policy, run: RunConfig):
+    """Apply a configuration's pruning, layer skipping and (CogACT) DiT caching; a policy is
+    shared by the configurations that name it, so every setting is set, none inherited."""
+    kw: dict[str, Any] = {"prune": run.prune, "skip_layers": run.skip_layers}
+    if hasattr(policy, "cache_config"):  # CogACT
+        interval = run.cache or policy.cache_config.interval
+        kw["cache"] = CacheConfig(interval=interval, enabled=run.cache is not None)
+        kw["sampling"] = dataclasses.replace(policy.sampling, ensemble=run.ensemble)
+    elif run.cache is not None or run.ensemble:
+        raise ValueError(f"configuration {run.label!r}: cache/ensemble need a CogACT policy")
+    return policy.configure(**kw)
 
 
 def run_episode(
@@ -271,7 +285,7 @@ def run_eval(
             policies[name] = load_eval_policy(
                 name, cfg.unnorm_key, cfg.suite, device=cfg.device, dtype=cfg.dtype
             )
-        policy = policies[name].configure(prune=run.prune)
+        policy = configure_run(policies[name], run)
         if run.label not in warm:
             # Untimed steps on the episode's own first observation: lazy initialisation and
             # allocator warm-up would otherwise land in whichever configuration runs first.
@@ -311,6 +325,9 @@ def run_eval(
                     **ep,
                     "policy": run.policy or cfg.policy,
                     "prune": prune_dict(run.prune),
+                    "cache": run.cache,
+                    "skip_layers": list(run.skip_layers),
+                    "ensemble": run.ensemble,
                     "video": video,
                 }
                 writer.write(record)

@@ -1,6 +1,6 @@
 """Summary table (terminal + markdown), summary.json and summary.png from episodes.jsonl alone.
 
-    python -m sim.report OUT      # re-builds OUT/summary.{md,json,png} and prints the table
+python -m sim.report OUT      # re-builds OUT/summary.{md,json,png} and prints the table
 """
 
 from __future__ import annotations
@@ -109,26 +109,36 @@ def format_markdown(summary: dict[str, Any]) -> str:
 
 def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
     """Two panels against mean kept visual tokens: success rate (Wilson 95% error bars) and
-    median per-step latency; one marker per configuration."""
+    median per-step latency. Configurations that differ only in their keep ratio
+    ("fastv@0.5", "fastv@0.25", ...) share a colour and a line; one legend entry each."""
     # Figure + Agg canvas directly: no pyplot, so no global backend state is touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in summary["runs"]:
+        groups.setdefault(r["label"].split("@")[0], []).append(r)
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax_s, ax_t = fig.subplots(1, 2)
-    for i, r in enumerate(summary["runs"]):
-        x, y = r["kept_visual_tokens"], r["success_rate"]
-        lo, hi = r["ci95"]
+    for i, (name, runs) in enumerate(groups.items()):
+        runs = sorted(runs, key=lambda r: r["kept_visual_tokens"])
+        x = [r["kept_visual_tokens"] for r in runs]
+        y = [r["success_rate"] for r in runs]
+        err = [
+            [r["success_rate"] - r["ci95"][0] for r in runs],
+            [r["ci95"][1] - r["success_rate"] for r in runs],
+        ]
+        ms = [r["latency_ms"].get("total", {}).get("median", math.nan) for r in runs]
         style = {
-            "marker": MARKERS.get(r["prune"].get("method"), "P"),
+            "marker": MARKERS.get(runs[0]["prune"].get("method"), "P"),
             "color": f"C{i % 10}",
-            "markersize": 9,
-            "linestyle": "none",
-            "label": r["label"],
+            "markersize": 8,
+            "linestyle": "-" if len(runs) > 1 else "none",
+            "alpha": 0.85,
         }
-        ax_s.errorbar([x], [y], yerr=[[y - lo], [hi - y]], capsize=4, **style)
-        ax_t.plot([x], [r["latency_ms"].get("total", {}).get("median", math.nan)], **style)
+        ax_s.errorbar(x, y, yerr=err, capsize=3, label=name, **style)
+        ax_t.plot(x, ms, **style)
     ax_s.set(
         xlabel="mean kept visual tokens",
         ylabel="success rate",
@@ -143,8 +153,8 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
     ax_t.set_ylim(bottom=0)
     for ax in (ax_s, ax_t):
         ax.grid(alpha=0.3)
-    if summary["runs"]:
-        ax_s.legend(fontsize=8, loc="best")
+    if groups:
+        fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(path, dpi=120)
 
 

@@ -96,9 +96,7 @@ def test_keep_all_is_exactly_dense(method):
         embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
     pad = torch.zeros(1, dtype=torch.long)
     ref, _ = policy.engine.prefill(embeds, pad, 7)
-    got, kept = policy.engine.prefill(
-        embeds, pad, 7, 1, lambda ctx: policy._select(ctx, 0, {})
-    )
+    got, kept = policy.engine.prefill(embeds, pad, 7, 1, lambda ctx: policy._select(ctx, 0, {}))
     assert kept is None and torch.equal(ref, got)
 
 

@@ -154,11 +154,30 @@ class Client:
         self.rclpy.try_shutdown(context=self.context)
 
 
+def launcher_cmd(params: Path, domain_id: int) -> list[str]:
+    """`python -m ros_nodes.launcher` (policy node + sim bridge) for a params file."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "ros_nodes.launcher",
+        "--params",
+        str(params),
+        "--domain-id",
+        str(domain_id),
+    ]
+
+
 def image_msg(image: np.ndarray, stamp, encoding: str = "rgb8"):
     from sensor_msgs.msg import Image
 
-    msg = Image(height=image.shape[0], width=image.shape[1], encoding=encoding,
-                step=image.shape[1] * image.shape[2] * image.itemsize)
+    msg = Image(
+        height=image.shape[0],
+        width=image.shape[1],
+        encoding=encoding,
+        step=image.shape[1] * image.shape[2] * image.itemsize,
+    )
     msg.data = np.ascontiguousarray(image).tobytes()
     msg.header.stamp = stamp
     return msg
@@ -201,8 +220,6 @@ def scrambled_tiny_policy(seed: int = 0):
     from tests.conftest import tiny_policy
 
     return tiny_policy(seed)
-
-
 
 
 @dataclasses.dataclass
@@ -256,9 +273,12 @@ class Harness:
 
     def wait_active(self, timeout: float = 60.0) -> None:
         self.client.spin_until(
-            lambda: self.diag.get("control", {}).get("state") == "active"
-            and self.image_pub.get_subscription_count() > 0,
-            timeout, "the policy node to be active",
+            lambda: (
+                self.diag.get("control", {}).get("state") == "active"
+                and self.image_pub.get_subscription_count() > 0
+            ),
+            timeout,
+            "the policy node to be active",
         )
 
     def instruct(self, text: str = "press the green button") -> None:

@@ -31,7 +31,11 @@ def collapse(keeps: list[int]) -> list[int]:
 def test_make_levels_from_baseline_to_floor():
     assert [lv.keep_count for lv in make_levels(256)] == [256, 192, 128, 96, 64, 48, 32]
     assert [lv.keep_count for lv in make_levels(256, baseline_keep=100, min_keep=40)] == [
-        100, 96, 64, 48, 40,
+        100,
+        96,
+        64,
+        48,
+        40,
     ]
     assert [lv.keep_count for lv in make_levels(256, min_keep=256)] == [256]
     assert make_levels(64)[0] == AccelLevel(64)

@@ -33,12 +33,22 @@ def test_slowdown_lowers_the_level_and_misses_get_the_safe_action(
     ros_env, start_node, client, micro_checkpoint, tmp_path
 ):
     log = tmp_path / "steps.jsonl"
-    params = write_params(tmp_path / "params.yaml", policy=dict(
-        policy=str(micro_checkpoint), min_keep_tokens=16, budget_ms=CALM_BUDGET_MS,
-        control_rate_hz=5.0, max_image_age_ms=2000.0, relax_after_steps=1000,
-        diagnostics_period_s=0.2, inject_delay_ms=0.0, inject_delay_mode="per_token",
-        safe_action="hold", step_log_path=str(log),
-    ))
+    params = write_params(
+        tmp_path / "params.yaml",
+        policy=dict(
+            policy=str(micro_checkpoint),
+            min_keep_tokens=16,
+            budget_ms=CALM_BUDGET_MS,
+            control_rate_hz=5.0,
+            max_image_age_ms=2000.0,
+            relax_after_steps=1000,
+            diagnostics_period_s=0.2,
+            inject_delay_ms=0.0,
+            inject_delay_mode="per_token",
+            safe_action="hold",
+            step_log_path=str(log),
+        ),
+    )
     node = start_node("policy", params)
     h = Harness(client)
     h.wait_active()
@@ -64,9 +74,12 @@ def test_slowdown_lowers_the_level_and_misses_get_the_safe_action(
     client.spin_until(lambda: len(h.policy_answers()) >= 4 + 12, 90, "12 steps under load")
     h.stop_camera()
     client.spin_until(
-        lambda: h.value("control", "deadline_misses")
-        == sum(a.source == "safe/deadline_miss" for a in h.answers),
-        5, "diagnostics to catch up",
+        lambda: (
+            h.value("control", "deadline_misses")
+            == sum(a.source == "safe/deadline_miss" for a in h.answers)
+        ),
+        5,
+        "diagnostics to catch up",
     )
     assert node.alive()
     trace = [a.source for a in h.answers[start:]]  # in failure messages
@@ -90,5 +103,6 @@ def test_slowdown_lowers_the_level_and_misses_get_the_safe_action(
     # ... and the steps fit again: the last answers to images are the policy's own.
     tail = [a.source for a in h.image_answers()[-6:]]
     assert tail.count("policy") >= 5, (trace, h.diag["control"], step_log(log)[-8:])
-    print(f"misses {len(misses)}, kept {kept:.0f}, "
-          f"p50 {h.value('control', 'latency_p50_ms'):.0f} ms")
+    print(
+        f"misses {len(misses)}, kept {kept:.0f}, p50 {h.value('control', 'latency_p50_ms'):.0f} ms"
+    )

@@ -4,7 +4,6 @@ in-process eval (`sim.eval.runner.run_episode`) for the same seed and policy."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import pytest
 pytest.importorskip("rclpy", reason="needs the ros extra: pip install -e '.[ros]'")
 pytest.importorskip("mujoco", reason="needs the sim extra: pip install -e '.[sim]'")
 
-from ros_helpers import Proc, write_params  # noqa: E402
+from ros_helpers import Proc, launcher_cmd, write_params  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.sim]
 
@@ -61,18 +60,26 @@ def test_lockstep_episode_matches_in_process(ros_env, tiny_checkpoint, tmp_path)
     params = write_params(
         tmp_path / "params.yaml",
         policy=dict(
-            policy=str(tiny_checkpoint), prune_method="vla-pruner", keep_ratio=0.5,
+            policy=str(tiny_checkpoint),
+            prune_method="vla-pruner",
+            keep_ratio=0.5,
             budget_ms=0.0,  # no deadline: every step is the policy's own action
             trigger="image",  # a step per new image (the timer path runs in the other tests)
-            max_image_age_ms=60_000.0, warmup_steps=1,
+            max_image_age_ms=60_000.0,
+            warmup_steps=1,
         ),
         # A generous re-send timeout: a re-sent image could be acted on twice, which would rightly
         # break the action-for-action comparison; slow loopback DDS must not trigger it.
-        bridge=dict(task=TASK, seed=SEED, episodes=1, lockstep=True, record_path=str(record),
-                    lockstep_timeout_s=120.0),
+        bridge=dict(
+            task=TASK,
+            seed=SEED,
+            episodes=1,
+            lockstep=True,
+            record_path=str(record),
+            lockstep_timeout_s=120.0,
+        ),
     )
-    cmd = [sys.executable, "-m", "ros_nodes.launcher", "--params", str(params),
-           "--domain-id", str(ros_env.domain_id)]
+    cmd = launcher_cmd(params, ros_env.domain_id)
     launcher = Proc(cmd, ros_env.env, tmp_path / "launcher.log")
     try:
         code = launcher.wait(timeout=150)

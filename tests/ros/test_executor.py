@@ -33,12 +33,20 @@ def test_a_long_step_leaves_the_executor_free(
 ):
     from diagnostic_msgs.msg import DiagnosticArray
 
-    params = write_params(tmp_path / "params.yaml", policy=dict(
-        policy=str(micro_checkpoint), trigger="image", budget_ms=0.0,
-        max_image_age_ms=5000.0, diagnostics_period_s=0.1, relax_after_steps=1000,
-        min_keep_tokens=64,  # one level: the controller cannot shorten the step
-        inject_delay_ms=STEP_S * 1e3, inject_delay_mode="fixed",
-    ))
+    params = write_params(
+        tmp_path / "params.yaml",
+        policy=dict(
+            policy=str(micro_checkpoint),
+            trigger="image",
+            budget_ms=0.0,
+            max_image_age_ms=5000.0,
+            diagnostics_period_s=0.1,
+            relax_after_steps=1000,
+            min_keep_tokens=64,  # one level: the controller cannot shorten the step
+            inject_delay_ms=STEP_S * 1e3,
+            inject_delay_mode="fixed",
+        ),
+    )
     node = start_node("policy", params)
     h = Harness(client)
     diag_times: list[float] = []

@@ -78,14 +78,21 @@ def test_fuzz_and_lifecycle(ros_env, start_node, client, micro_checkpoint, tmp_p
     from ros_nodes.actions import stamp_ns
     from ros_nodes.params import qos
 
-    params = write_params(tmp_path / "params.yaml", policy=dict(
-        policy=str(micro_checkpoint), budget_ms=0.0, control_rate_hz=20.0,
-        qos_depth=1000,  # keep every fuzz message: each one must be counted
-        max_image_side=1024, max_instruction_chars=1000, diagnostics_period_s=0.2,
-        # Malformed images are rejected before their stamp is checked; a wide age limit keeps
-        # the good images good however far behind the node runs in the burst.
-        max_image_age_ms=60_000.0,
-    ))
+    params = write_params(
+        tmp_path / "params.yaml",
+        policy=dict(
+            policy=str(micro_checkpoint),
+            budget_ms=0.0,
+            control_rate_hz=20.0,
+            qos_depth=1000,  # keep every fuzz message: each one must be counted
+            max_image_side=1024,
+            max_instruction_chars=1000,
+            diagnostics_period_s=0.2,
+            # Malformed images are rejected before their stamp is checked; a wide age limit keeps
+            # the good images good however far behind the node runs in the burst.
+            max_image_age_ms=60_000.0,
+        ),
+    )
     node = start_node("policy", params)
     h = Harness(client, image_depth=1000)
     text_pub = client.node.create_publisher(String, "instruction", qos(1000, "reliable", True))
@@ -112,8 +119,11 @@ def test_fuzz_and_lifecycle(ros_env, start_node, client, micro_checkpoint, tmp_p
     total = sum(sent.values())
     assert total >= 500
 
-    client.spin_until(lambda: h.value("inputs", "rejected_total") >= total, DELIVERY_S,
-                      f"{total} rejections on diagnostics (sent {dict(sent)})")
+    client.spin_until(
+        lambda: h.value("inputs", "rejected_total") >= total,
+        DELIVERY_S,
+        f"{total} rejections on diagnostics (sent {dict(sent)})",
+    )
     assert node.alive()
     inputs = h.diag["inputs"]
     assert int(inputs["rejected_total"]) == total
@@ -122,7 +132,8 @@ def test_fuzz_and_lifecycle(ros_env, start_node, client, micro_checkpoint, tmp_p
     # Every bad image was answered with the safe action for its own stamp.
     client.spin_until(
         lambda: len({a.stamp for a in h.answers if a.stamp in bad_stamps}) == len(bad_stamps),
-        DELIVERY_S, "a safe answer to every bad image",
+        DELIVERY_S,
+        "a safe answer to every bad image",
     )
     answered = [a for a in h.answers if a.stamp in bad_stamps]
     assert all(a.source.startswith("safe/") for a in answered)

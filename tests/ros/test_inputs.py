@@ -31,8 +31,12 @@ LIMITS = Limits(max_side=256, max_instruction_chars=50)
 def raw(image: np.ndarray, encoding: str, **kw) -> SimpleNamespace:
     h, w = image.shape[:2]
     fields = dict(
-        height=h, width=w, encoding=encoding, is_bigendian=0,
-        step=w * image.shape[2] * image.itemsize, data=image.tobytes(),
+        height=h,
+        width=w,
+        encoding=encoding,
+        is_bigendian=0,
+        step=w * image.shape[2] * image.itemsize,
+        data=image.tobytes(),
     )
     fields.update(kw)
     return SimpleNamespace(**fields)
@@ -60,8 +64,9 @@ def test_row_padding_is_cropped():
     rgb = np.arange(4 * 3 * 3, dtype=np.uint8).reshape(4, 3, 3)
     padded = np.zeros((4, 12), np.uint8)
     padded[:, :9] = rgb.reshape(4, 9)
-    msg = SimpleNamespace(height=4, width=3, encoding="rgb8", is_bigendian=0, step=12,
-                          data=padded.tobytes())
+    msg = SimpleNamespace(
+        height=4, width=3, encoding="rgb8", is_bigendian=0, step=12, data=padded.tobytes()
+    )
     assert np.array_equal(decode_image(msg, LIMITS), rgb)
 
 
@@ -102,15 +107,22 @@ def test_compressed():
 
 def test_instruction_and_stamp():
     assert check_instruction("  press the button ", LIMITS) == "press the button"
-    for text, why in [("", "empty_instruction"), ("   \n", "empty_instruction"),
-                      ("x" * 51, "instruction_too_long"), ("a\x00b", "bad_instruction")]:
+    for text, why in [
+        ("", "empty_instruction"),
+        ("   \n", "empty_instruction"),
+        ("x" * 51, "instruction_too_long"),
+        ("a\x00b", "bad_instruction"),
+    ]:
         with pytest.raises(Rejected) as e:
             check_instruction(text, LIMITS)
         assert e.value.reason == why
     now = 10**18
     check_stamp(now - 100_000_000, now, 250.0)  # 100 ms old: fine
-    for stamp, why in [(now - 300_000_000, "stale_image"), (0, "stale_image"),
-                       (now + 10**9, "future_stamp")]:
+    for stamp, why in [
+        (now - 300_000_000, "stale_image"),
+        (0, "stale_image"),
+        (now + 10**9, "future_stamp"),
+    ]:
         with pytest.raises(Rejected) as e:
             check_stamp(stamp, now, 250.0)
         assert e.value.reason == why
@@ -124,9 +136,18 @@ def test_parameters():
             coerce(PolicyNodeParams, name, value)
     with pytest.raises(ValueError, match="unknown parameter"):
         coerce(PolicyNodeParams, "budget", 1.0)
-    bad = [("budget_ms", -1.0), ("keep_ratio", 0.0), ("keep_ratio", 1.5), ("safe_action", "brake"),
-           ("control_rate_hz", 0.0), ("max_image_age_ms", 0.0), ("min_keep_tokens", 0),
-           ("qos_reliability", "maybe"), ("image_topic", " "), ("budget_ms", float("nan"))]
+    bad = [
+        ("budget_ms", -1.0),
+        ("keep_ratio", 0.0),
+        ("keep_ratio", 1.5),
+        ("safe_action", "brake"),
+        ("control_rate_hz", 0.0),
+        ("max_image_age_ms", 0.0),
+        ("min_keep_tokens", 0),
+        ("qos_reliability", "maybe"),
+        ("image_topic", " "),
+        ("budget_ms", float("nan")),
+    ]
     for name, value in bad:
         assert name in (check_policy_param(name, value) or ""), (name, value)
     assert check_policy_param("twist_topic", "") is None

@@ -14,16 +14,25 @@ pytestmark = pytest.mark.ros
 
 CASES = {
     "type": (["budget_ms:=fast"], 2, "parameter budget_ms='fast': expected float, got str"),
-    "value": (["budget_ms:=-1.0", "prune_method:=nope"], 1,
-              "parameter budget_ms=-1.0: must be a finite number >= 0"),
+    "value": (
+        ["budget_ms:=-1.0", "prune_method:=nope"],
+        1,
+        "parameter budget_ms=-1.0: must be a finite number >= 0",
+    ),
 }
 
 
 def test_bad_parameters_fail_with_clear_errors(ros_env, tmp_path):
     procs = {}
     for name, (overrides, _, _) in CASES.items():  # concurrently: start-up dominates
-        cmd = [sys.executable, "-m", "ros_nodes.policy_node", "--ros-args",
-               "--params-file", str(PARAMS)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ros_nodes.policy_node",
+            "--ros-args",
+            "--params-file",
+            str(PARAMS),
+        ]
         for o in overrides:
             cmd += ["-p", o]
         procs[name] = Proc(cmd, ros_env.env, tmp_path / f"{name}.log")

@@ -4,7 +4,6 @@ the policy node's resident memory grows by less than 5 % after warm-up; SIGTERM 
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 pytest.importorskip("rclpy", reason="needs the ros extra: pip install -e '.[ros]'")
 pytest.importorskip("mujoco", reason="needs the sim extra: pip install -e '.[sim]'")
 
-from ros_helpers import Harness, Proc, write_params  # noqa: E402
+from ros_helpers import Harness, Proc, launcher_cmd, write_params  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.sim, pytest.mark.slow]
 
@@ -44,12 +43,16 @@ def rss_kb(pid: int) -> int:
 def test_soak_memory_and_clean_shutdown(ros_env, client, micro_checkpoint, tmp_path):
     params = write_params(
         tmp_path / "params.yaml",
-        policy=dict(policy=str(micro_checkpoint), trigger="image", budget_ms=200.0,
-                    max_image_age_ms=5000.0, diagnostics_period_s=0.5),
+        policy=dict(
+            policy=str(micro_checkpoint),
+            trigger="image",
+            budget_ms=200.0,
+            max_image_age_ms=5000.0,
+            diagnostics_period_s=0.5,
+        ),
         bridge=dict(task="press", episodes=0, lockstep=True, start_delay_s=0.05),
     )
-    cmd = [sys.executable, "-m", "ros_nodes.launcher", "--params", str(params),
-           "--domain-id", str(ros_env.domain_id)]
+    cmd = launcher_cmd(params, ros_env.domain_id)
     launcher = Proc(cmd, ros_env.env, tmp_path / "launcher.log")
     try:
         h = Harness(client)  # only to read the diagnostics
@@ -62,15 +65,19 @@ def test_soak_memory_and_clean_shutdown(ros_env, client, micro_checkpoint, tmp_p
         final = rss_kb(pids["policy"])
         rate = (steps() - n0) / (time.monotonic() - t0)
         growth = (final - base) / base
-        print(f"policy RSS {base / 1024:.1f} -> {final / 1024:.1f} MiB ({growth:+.2%}) over "
-              f"{steps() - n0:.0f} steps at {rate:.0f} steps/s")
+        print(
+            f"policy RSS {base / 1024:.1f} -> {final / 1024:.1f} MiB ({growth:+.2%}) over "
+            f"{steps() - n0:.0f} steps at {rate:.0f} steps/s"
+        )
         assert growth < 0.05
         assert h.value("control", "deadline_misses") <= 0.01 * steps()
 
         launcher.popen.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=30) == 0, launcher.tail()
         for pid in pids.values():
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
-                f"/proc/{pid}/status").read_text()
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "zombie" in Path(f"/proc/{pid}/status").read_text()
+            )
     finally:
         launcher.stop()

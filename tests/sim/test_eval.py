@@ -251,3 +251,51 @@ def test_eval_config_from_yaml_and_overrides():
     assert (cfg.episodes, cfg.policy, cfg.seeds) == (3, "x", [0, 1, 2])
     assert dataclasses.replace(cfg, seed=5).seeds == [5, 6, 7]
     assert EvalConfig(tasks="all").tasks is None and EvalConfig(tasks="a,b").tasks == ("a", "b")
+
+
+def test_cogact_configurations_cache_and_skip(tmp_path):
+    """Per-configuration DiT caching and layer skipping reach the policy, and are reset between
+    configurations that share it (a cached run must not leak into the next dense one)."""
+    from sim.eval.config import run_from_entry
+    from sim.eval.runner import configure_run
+
+    skip_file = tmp_path / "skips.json"
+    skip_file.write_text(json.dumps({"skip_layers": [1]}))
+    cached = run_from_entry(
+        {"label": "c5", "cache": 5, "skip_layers": str(skip_file), "ensemble": True}
+    )
+    assert cached.cache == 5 and cached.skip_layers == (1,)
+    assert cached.to_dict()["cache"] == 5 and cached.to_dict()["skip_layers"] == [1]
+    with pytest.raises(ValueError, match="cache must be an int"):
+        run_from_entry({"label": "bad", "cache": 0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        run_from_entry({"label": "bad", "cach": 5})
+
+    import vla_prune
+
+    policy = vla_prune.build_policy("tiny-cogact", seed=0)
+    configure_run(policy, cached)
+    assert policy.cache_config.enabled and policy.cache_config.interval == 5
+    assert set(policy.engine.skip_layers) == {1} and policy.sampling.ensemble
+    configure_run(policy, parse_run_spec("dense"))
+    assert not policy.cache_config.enabled and not policy.engine.skip_layers
+    assert not policy.sampling.ensemble
+    with pytest.raises(ValueError, match="need a CogACT policy"):
+        configure_run(vla_prune.build_policy("tiny-openvla", seed=0), cached)
+
+    cfg = small_config(
+        tmp_path / "cg",
+        policy="tiny-cogact",
+        tasks=("press",),
+        episodes=1,
+        max_steps=20,
+        runs=(parse_run_spec("dense"), cached),
+    )
+    run_eval(cfg, progress=False)
+    eps = {r["label"]: r for r in read_episodes(tmp_path / "cg" / EPISODES_FILE)}
+    assert eps["c5"]["obs_hash"] == eps["dense"]["obs_hash"]
+    assert (eps["c5"]["cache"], eps["c5"]["skip_layers"]) == (5, [1])
+    # the ensemble executes one action per policy call; without it a call runs a 16-step chunk
+    assert eps["c5"]["policy_steps"] == eps["c5"]["steps"] > 1
+    assert eps["dense"]["policy_steps"] == -(-eps["dense"]["steps"] // 16)
+    assert (eps["dense"]["cache"], eps["dense"]["skip_layers"]) == (None, [])

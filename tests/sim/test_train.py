@@ -114,3 +114,59 @@ def test_cogact_diffusion_training_loss_falls(demos, tmp_path):
     policy = vla_prune.load_policy(final)
     r = policy.step(torch.zeros(128, 128, 3, dtype=torch.uint8).numpy(), "press the red button")
     assert r.actions.shape == (16, 7)
+
+
+def test_aux_targets_match_the_scene(demos):
+    """The geometry targets are the episode's real scene: the target button's position, in the
+    same scaled units as the demos' gripper state."""
+    import numpy as np
+
+    from sim.demos import load_demos
+    from sim.envs.embedded import EmbeddedEnv
+
+    aux = train_mod.aux_targets(str(demos))
+    episodes = list(load_demos(demos))
+    assert aux.shape == (sum(len(e) for e in episodes), train_mod.AUX_DIM)
+    env = EmbeddedEnv("press", image_size=16)
+    row = 0
+    for ep in episodes:
+        env.reset(seed=ep.seed)
+        task = env.task_instance
+        button = np.asarray(task.fixtures[task.target_fixture].xy) * train_mod.AUX_SCALE
+        block = aux[row : row + len(ep)]
+        assert np.allclose(block[:, 4:6], button) and np.allclose(block[:, 6:8], button)
+        assert np.allclose(block[:, :3], ep.states[:, :3] * train_mod.AUX_SCALE)
+        row += len(ep)
+    env.close()
+    # different seeds put the target button in different places
+    assert len({tuple(np.round(aux[i, 4:6], 4)) for i in range(len(aux))}) == len(episodes)
+
+
+def test_aux_loss_trains_and_is_not_exported(demos, tmp_path):
+    cfg = _cfg(demos, tmp_path / "aux", preset="tiny-openvla-112", aux_weight=1.0, steps=30)
+    final = train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "aux/train_log.jsonl").open()]
+    aux = [r["aux_loss"] for r in log]
+    assert sum(aux[-5:]) / 5 < 0.8 * sum(aux[:5]) / 5
+    policy = vla_prune.load_policy(final)  # plain OpenVLA: the regression head is not saved
+    assert policy.config.image_size == 112 and policy.config.num_patches == 64
+    state = torch.load(tmp_path / "aux/train_state.pt", weights_only=True)
+    assert set(state["aux_head"]) == {"weight", "bias"}
+
+
+def test_init_from_copies_the_vlm_and_rejects_a_mismatch(tmp_path):
+    """CogACT starts from a trained OpenVLA's VLM: every checkpoint tensor is copied, the DiT
+    head stays fresh; a checkpoint of another shape is refused by name."""
+    src = vla_prune.build_policy("tiny-openvla-112", seed=1)
+    src.save(tmp_path / "ovla")
+    cogact = vla_prune.build_policy("tiny-cogact-112", seed=0)
+    head_before = {
+        k: v.clone() for k, v in cogact.model.state_dict().items() if "action_model" in k
+    }
+    train_mod.init_weights(cogact.model, str(tmp_path / "ovla"))
+    got = cogact.model.state_dict()
+    for k, v in src.model.state_dict().items():
+        assert torch.equal(got[k], v), k
+    assert all(torch.equal(got[k], v) for k, v in head_before.items())
+    with pytest.raises(ValueError, match="does not fit the model"):
+        train_mod.init_weights(vla_prune.build_policy("tiny-cogact").model, str(tmp_path / "ovla"))

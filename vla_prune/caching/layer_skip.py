@@ -78,3 +78,14 @@ def choose_skips(
     if n_skip > len(candidates):
         raise ValueError(f"can skip at most {len(candidates)} of {n} layers (protected: {keep})")
     return sorted(int(i) for i in candidates[:n_skip])
+
+
+def load_skip_list(path: str | Path) -> list[int]:
+    """The `skip_layers` of a file written by `vla-prune calibrate`."""
+    try:
+        skips = json.loads(Path(path).read_text())["skip_layers"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read a skip list from {path}: {e!r}") from e
+    if not isinstance(skips, list) or not all(isinstance(i, int) for i in skips):
+        raise ValueError(f"{path}: skip_layers must be a list of layer indices, got {skips!r}")
+    return skips

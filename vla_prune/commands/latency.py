@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -163,7 +162,9 @@ def _print_layers(cfg, flops, n_text: int, kept: int | None, k_layer: int) -> No
 
 def _skip_layers(args) -> list[int] | None:
     if args.skip_file:
-        return json.loads(Path(args.skip_file).read_text())["skip_layers"]
+        from vla_prune.caching.layer_skip import load_skip_list
+
+        return load_skip_list(args.skip_file)
     if args.skip_layers:
         return [int(x) for x in args.skip_layers.split(",")]
     return None

@@ -41,11 +41,11 @@ def attention_from_queries(
         k = k.repeat_interleave(num_heads // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     key_pos, key_valid, _ = cache.rows(layer_idx)
-    newest_only = q.shape[2] == 1 and not cache.has_padding and bool(
-        (pos_rows[:, 0] >= key_pos[:, -1]).all()
+    newest_only = (
+        q.shape[2] == 1 and not cache.has_padding and bool((pos_rows[:, 0] >= key_pos[:, -1]).all())
     )
     if not newest_only:  # the newest token sees every cached key: no mask needed
-        allowed = (key_pos[:, None, None, :] <= pos_rows[:, None, :, None])
+        allowed = key_pos[:, None, None, :] <= pos_rows[:, None, :, None]
         allowed = allowed & key_valid[:, None, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores.float(), dim=-1)

@@ -202,8 +202,11 @@ class LlamaEngine:
                     if decision.merged is not None:
                         at = pad + 1 + kept.shape[1]  # right after the kept visual rows
                         h, pos, valid, vis = _insert_row(
-                            at, (h, decision.merged), (pos, decision.merged_pos),
-                            (valid, True), (vis, -1),
+                            at,
+                            (h, decision.merged),
+                            (pos, decision.merged_pos),
+                            (valid, True),
+                            (vis, -1),
                         )
                     cache.set_rows(1, pos, valid, vis)
                     cache.group[i:] = [1] * (len(self.layers) - i)

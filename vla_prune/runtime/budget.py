@@ -262,7 +262,10 @@ class BudgetController:
             self._over = 0
         log.debug(
             "budget %.1f ms: level %s -> %s (%s)",
-            self.config.budget_ms, self.levels[old].name, self.current.name, reason,
+            self.config.budget_ms,
+            self.levels[old].name,
+            self.current.name,
+            reason,
         )
         return self._record(Decision(level, level != old, reason, over_budget))
 

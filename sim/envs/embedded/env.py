@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
-import mujoco
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless by default; must precede `import mujoco`
+import mujoco  # noqa: E402
 import numpy as np
 from gymnasium import spaces
 
