@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-steps", type=int, default=None, help="env steps per episode")
     ev.add_argument("--video", action="store_true", help="write episode GIFs to OUT/videos")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    ev.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes running whole configurations side by side (e.g. one per core)",
+    )
     ev.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
     ev.add_argument("--device", default=None, help="cpu | cuda")
     ev.add_argument("--dtype", default=None, choices=sorted(DTYPES))

@@ -91,6 +91,7 @@ class EvalConfig:
     max_steps: int | None = None  # None: the env's own step limit
     video: bool = False
     threads: int = 1  # torch CPU threads; 1 keeps latency comparable (0 = torch default)
+    workers: int = 1  # processes, each running whole configurations (sim/eval/parallel.py)
     warmup: int = 2  # untimed policy steps per configuration before its first episode
     device: str = "cpu"
     dtype: str = "float32"
@@ -118,6 +119,8 @@ class EvalConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
 
     @property
     def seeds(self) -> list[int]:

@@ -20,7 +20,7 @@ from sim.eval import (  # noqa: E402
     run_eval,
     wilson_interval,
 )
-from sim.eval.records import EPISODES_FILE  # noqa: E402
+from sim.eval.records import EPISODES_FILE, episode_key  # noqa: E402
 from vla_prune import PruneConfig  # noqa: E402
 from vla_prune.cli import build_parser, main  # noqa: E402
 
@@ -246,7 +246,10 @@ def test_eval_config_from_yaml_and_overrides():
     cfg = load_eval_config(REPO / "configs/eval/embedded.yaml")
     assert cfg.suite == "embedded" and cfg.tasks == ("press", "push", "pick_place", "stack")
     assert cfg.policy == "embedded-openvla" and cfg.unnorm_key == "embedded"
-    assert [r.prune.method for r in cfg.runs] == ["none", "vla-pruner", "fastv"]
+    methods = [r.prune.method for r in cfg.runs]
+    assert methods == ["none", "vla-pruner", "fastv", "none", "vla-pruner"]
+    assert [r.policy for r in cfg.runs[3:]] == ["embedded-cogact"] * 2
+    assert cfg.runs[4].cache == 5 and cfg.runs[4].ensemble and cfg.workers == 2
     cfg = load_eval_config(REPO / "configs/eval/embedded.yaml", episodes=3, policy="x")
     assert (cfg.episodes, cfg.policy, cfg.seeds) == (3, "x", [0, 1, 2])
     assert dataclasses.replace(cfg, seed=5).seeds == [5, 6, 7]
@@ -299,3 +302,25 @@ def test_cogact_configurations_cache_and_skip(tmp_path):
     assert eps["c5"]["policy_steps"] == eps["c5"]["steps"] > 1
     assert eps["dense"]["policy_steps"] == -(-eps["dense"]["steps"] // 16)
     assert (eps["dense"]["cache"], eps["dense"]["skip_layers"]) == (None, [])
+
+
+def test_parallel_workers_match_one_process_and_resume(reference, tmp_path):
+    """Two worker processes give the episodes one process gives (same seeds, same outcomes), in
+    the same order; a run begun in one process finishes in two without repeating episodes."""
+    from sim.eval.parallel import run_eval_parallel
+
+    ref_out, _ = reference
+    ref = read_episodes(ref_out / EPISODES_FILE)
+    out = tmp_path / "par"
+    run_eval_parallel(small_config(out, workers=2), workers=2, progress=False)
+    got = read_episodes(out / EPISODES_FILE)
+    assert [episode_key(r) for r in got] == [episode_key(r) for r in ref]
+    assert core(got) == core(ref)
+
+    half = tmp_path / "half"
+    run_eval(small_config(half, runs=parse_runs("dense")), progress=False)
+    first = {episode_key(r): r["wall_s"] for r in read_episodes(half / EPISODES_FILE)}
+    run_eval_parallel(small_config(half), workers=2, progress=False)
+    both = read_episodes(half / EPISODES_FILE)
+    assert core(both) == core(ref) and len(both) == len({episode_key(r) for r in both})
+    assert all(r["wall_s"] == first[episode_key(r)] for r in both if r["label"] == "dense")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .common import load_policy_arg, prune_config_from, require_sim
@@ -84,11 +85,18 @@ def cmd_eval(args) -> int:
         max_steps=args.max_steps,
         video=args.video or None,
         threads=args.threads,
+        workers=args.workers,
         warmup=args.warmup,
         device=args.device,
         dtype=args.dtype,
     )
-    summary = run_eval(cfg, progress=not args.quiet)
+    workers = min(cfg.workers, len(cfg.runs), os.cpu_count() or 1)  # never more than cores
+    if workers > 1:
+        from sim.eval.parallel import run_eval_parallel
+
+        summary = run_eval_parallel(cfg, workers, progress=not args.quiet)
+    else:
+        summary = run_eval(cfg, progress=not args.quiet)
     print(format_table(summary))
     print(f"wrote {cfg.out}/episodes.jsonl and summary.md, summary.json, summary.png")
     return 0
