@@ -97,7 +97,13 @@ def test_parse_runs_specs():
     from_file = parse_run_spec(str(REPO / "configs/pruning/vla-pruner-12.yaml"))
     assert from_file.label == "vla-pruner-12" and from_file.prune.keep_ratio == 0.125
     from_eval_yaml = parse_runs(str(REPO / "configs/eval/embedded.yaml"))
-    assert [r.label for r in from_eval_yaml] == ["dense", "vla-pruner@0.25", "fastv@0.25"]
+    assert [r.label for r in from_eval_yaml] == [
+        "dense",
+        "vla-pruner@0.25",
+        "fastv@0.25",
+        "cogact",
+        "cogact-cache5-vp25",
+    ]
 
 
 @pytest.mark.parametrize(
