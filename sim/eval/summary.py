@@ -54,6 +54,8 @@ def _rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _stage_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     stages = list(dict.fromkeys(s for r in summary["runs"] for s in r["latency_ms"]))
+    if "total" in stages:  # last, also when policies with other stages (CogACT) are mixed in
+        stages = [s for s in stages if s != "total"] + ["total"]
     rows = []
     for r in summary["runs"]:
         lat = r["latency_ms"]
