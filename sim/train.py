@@ -203,10 +203,14 @@ def action_loss(
     at = policy.action_tokenizer
     loss = soft_label_loss(logits, action_tokens, at.first_action_id, at.n_bins, label_sigma)
     acc = (logits.argmax(-1) == action_tokens).float().mean()
-    if aux_head is not None and aux is not None:  # from the row that predicts the first action
-        aux_loss = F.smooth_l1_loss(aux_head(h[:, 0]).float(), aux, beta=0.1)
-        return loss, acc, aux_loss
-    return loss, acc, torch.zeros(())
+    return loss, acc, _aux_loss(aux_head, h[:, 0], aux)  # the row predicting the first action
+
+
+def _aux_loss(aux_head: torch.nn.Module | None, query: torch.Tensor, aux) -> torch.Tensor:
+    """Scene-geometry regression from the action query's hidden state (0 when off)."""
+    if aux_head is None or aux is None:
+        return torch.zeros(())
+    return F.smooth_l1_loss(aux_head(query).float(), aux, beta=0.1)
 
 
 def _last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None):
@@ -251,9 +255,7 @@ def diffusion_loss(
     hidden, lengths = _last_hidden(policy, pixels, prompts)
     b = hidden.shape[0]
     z = hidden[torch.arange(b), torch.tensor(lengths) - 1][:, None]  # [B, 1, D]
-    aux_loss = torch.zeros(())
-    if aux_head is not None and aux is not None:  # the cognition token, as for OpenVLA's query
-        aux_loss = F.smooth_l1_loss(aux_head(z[:, 0]).float(), aux, beta=0.1)
+    aux_loss = _aux_loss(aux_head, z[:, 0], aux)  # the cognition token
     net = policy.model.action_model.net
     drop = torch.rand(b, generator=gen) < net.cfg.class_dropout_prob
     if drop.any():

@@ -56,14 +56,14 @@ def run_eval_parallel(cfg: EvalConfig, workers: int, progress: bool = True) -> d
         path = part / EPISODES_FILE
         have = {episode_key(r) for r in read_episodes(path, repair=True)}
         labels = {r.label for r in runs}
+        sub = dataclasses.replace(cfg, runs=runs, out=str(part))
         seed = [r for r in records if r["label"] in labels and episode_key(r) not in have]
         if seed:  # episodes OUT already has: the worker must not run them again
             if not (part / "config.json").exists():
-                sub = dataclasses.replace(cfg, runs=runs, out=str(part))
                 write_json(part / "config.json", sub.to_dict())
             with path.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in seed)
-        parts.append(dataclasses.replace(cfg, runs=runs, out=str(part)))
+        parts.append(sub)
         files.append(path)
 
     total = len(cfg.tasks) * len(cfg.seeds) * len(cfg.runs)
