@@ -82,6 +82,16 @@ def normalize(actions: np.ndarray, stats: dict) -> np.ndarray:
     return np.where(mask, norm, actions).astype(np.float32)
 
 
+def iter_episodes(data: str):
+    """The episodes of one dataset directory, or of several given comma-separated
+    (e.g. ``data/demos,data/dagger1``: expert demos plus DAgger corrections)."""
+    dirs = [d.strip() for d in data.split(",") if d.strip()]
+    if not dirs:
+        raise ValueError(f"no dataset directory in data={data!r}")
+    for d in dirs:
+        yield from load_demos(d)
+
+
 class DemoBatches:
     """All transitions in memory (a few thousand 128x128 frames), sampled uniformly."""
 
@@ -89,7 +99,7 @@ class DemoBatches:
         images, actions, prompts, chunk_rows = [], [], [], []
         chunk = getattr(policy.config, "chunk", 0)  # CogACT: the DiT predicts action chunks
         start = 0
-        for ep in load_demos(data):
+        for ep in iter_episodes(data):
             images.append(ep.images)
             actions.append(ep.actions)
             prompts += [ep.instruction] * len(ep.actions)
@@ -152,7 +162,7 @@ def aux_targets(data: str) -> np.ndarray:
 
     envs: dict[str, EmbeddedEnv] = {}
     rows = []
-    for ep in load_demos(data):
+    for ep in iter_episodes(data):
         if ep.family not in envs:
             envs[ep.family] = EmbeddedEnv(ep.family, image_size=16)
         env = envs[ep.family]
