@@ -50,6 +50,7 @@ class TrainConfig:
     shift: int = 4  # random-shift augmentation in pixels of the stored image (0 = off)
     blind: bool = False  # honesty control: the image is replaced by a constant gray frame
     aux_weight: float = 0.0  # >0: also regress scene geometry (see aux_targets)
+    frame_stride: int = 1  # keep every k-th frame per episode (more scenes per GB of RAM)
     init_from: str = ""  # start from a trained checkpoint's weights (e.g. CogACT from OpenVLA)
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
     seed: int = 0
@@ -93,32 +94,50 @@ def iter_episodes(data: str):
 
 
 class DemoBatches:
-    """All transitions in memory (a few thousand 128x128 frames), sampled uniformly."""
+    """The training transitions in memory (128x128 frames), sampled uniformly.
+
+    frame_stride > 1 keeps every k-th frame of each episode (from a per-episode phase), so
+    many more distinct scenes fit in memory: neighbouring frames are near-duplicates, and a
+    policy learns to find the target from seeing many scenes, not many frames of one."""
 
     def __init__(self, data: str, policy: vla_prune.Policy, cfg: TrainConfig):
-        images, actions, prompts, chunk_rows = [], [], [], []
+        if cfg.frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {cfg.frame_stride}")
+        images, actions, prompts, anchors, chunk_rows, aux = [], [], [], [], [], []
         chunk = getattr(policy.config, "chunk", 0)  # CogACT: the DiT predicts action chunks
+        envs: dict = {}
         start = 0
         for ep in iter_episodes(data):
-            images.append(ep.images)
+            n = len(ep.actions)
+            keep = np.arange(ep.seed % cfg.frame_stride, n, cfg.frame_stride)
+            if len(keep) == 0:  # an episode shorter than the stride's phase
+                keep = np.arange(n)
+            images.append(ep.images[keep])  # a copy: the episode's full arrays can go
             actions.append(ep.actions)
-            prompts += [ep.instruction] * len(ep.actions)
-            n = len(ep.actions)  # rows t .. t+chunk-1 of the episode, the last one repeated
-            chunk_rows += [[start + min(t + j, n - 1) for j in range(chunk)] for t in range(n)]
+            prompts += [ep.instruction] * len(keep)
+            anchors += (start + keep).tolist()
+            # rows t .. t+chunk-1 of the episode, the last one repeated
+            chunk_rows += [[start + min(t + j, n - 1) for j in range(chunk)] for t in keep]
+            if cfg.aux_weight > 0:
+                aux.append(episode_aux(ep, envs)[keep])
             start += n
+        for env in envs.values():
+            env.close()
         self.images = np.concatenate(images)
-        self.aux = torch.from_numpy(aux_targets(data)) if cfg.aux_weight > 0 else None
+        self.aux = torch.from_numpy(np.concatenate(aux)) if aux else None
         raw = np.concatenate(actions).astype(np.float32)
-        self.stats = action_stats(raw)
+        self.stats = action_stats(raw[anchors])
         normalized = normalize(raw, self.stats)
-        self.action_tokens = torch.from_numpy(policy.action_tokenizer.encode(normalized))
+        tokens = policy.action_tokenizer.encode(normalized[anchors])
+        self.action_tokens = torch.from_numpy(tokens)
         self.chunks = torch.from_numpy(normalized[np.asarray(chunk_rows)]) if chunk else None
         ids = {p: policy.token_ids(p) for p in set(prompts)}
         self.prompt_ids = [ids[p] for p in prompts]
         self.policy, self.cfg = policy, cfg
         log.info(
-            "%d transitions, %d episodes' worth of prompts (%d distinct)",
+            "%d transitions (of %d) from %d episodes, %d distinct prompts",
             len(self.images),
+            start,
             len(images),
             len(ids),
         )
@@ -158,28 +177,31 @@ def aux_targets(data: str) -> np.ndarray:
     the marginal action for thousands of steps. The exported checkpoint does not contain the
     regression head: it is plain OpenVLA.
     """
-    from sim.envs.embedded import EmbeddedEnv
-
-    envs: dict[str, EmbeddedEnv] = {}
-    rows = []
-    for ep in iter_episodes(data):
-        if ep.family not in envs:
-            envs[ep.family] = EmbeddedEnv(ep.family, image_size=16)
-        env = envs[ep.family]
-        env.reset(seed=ep.seed)
-        task = env.task_instance
-        if task.fixtures:
-            dst = task.fixtures[task.target_fixture].xy
-            src = dst if task.target_object is None else task.objects[task.target_object].xy
-        else:  # stack: the target object goes onto the base object
-            src, dst = task.objects[task.target_object].xy, task.objects[task.base_object].xy
-        geo = np.asarray([*src, *dst], dtype=np.float32) * AUX_SCALE
-        state = ep.states.astype(np.float32).copy()
-        state[:, :3] *= AUX_SCALE
-        rows.append(np.concatenate([state, np.broadcast_to(geo, (len(state), 4))], axis=1))
+    envs: dict = {}
+    rows = [episode_aux(ep, envs) for ep in iter_episodes(data)]
     for env in envs.values():
         env.close()
     return np.concatenate(rows).astype(np.float32)
+
+
+def episode_aux(ep, envs: dict) -> np.ndarray:
+    """aux_targets' rows for one episode; `envs` caches one small env per family."""
+    from sim.envs.embedded import EmbeddedEnv
+
+    if ep.family not in envs:
+        envs[ep.family] = EmbeddedEnv(ep.family, image_size=16)
+    env = envs[ep.family]
+    env.reset(seed=ep.seed)
+    task = env.task_instance
+    if task.fixtures:
+        dst = task.fixtures[task.target_fixture].xy
+        src = dst if task.target_object is None else task.objects[task.target_object].xy
+    else:  # stack: the target object goes onto the base object
+        src, dst = task.objects[task.target_object].xy, task.objects[task.base_object].xy
+    geo = np.asarray([*src, *dst], dtype=np.float32) * AUX_SCALE
+    state = ep.states.astype(np.float32).copy()
+    state[:, :3] *= AUX_SCALE
+    return np.concatenate([state, np.broadcast_to(geo, (len(state), 4))], axis=1)
 
 
 def _random_shift(img: np.ndarray, pad: int, gen: torch.Generator) -> np.ndarray:

@@ -170,3 +170,28 @@ def test_init_from_copies_the_vlm_and_rejects_a_mismatch(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in head_before.items())
     with pytest.raises(ValueError, match="does not fit the model"):
         train_mod.init_weights(vla_prune.build_policy("tiny-cogact").model, str(tmp_path / "ovla"))
+
+
+def test_frame_stride_keeps_every_kth_frame_with_its_labels(demos, tmp_path):
+    """Subsampled frames keep their own action tokens and geometry targets (nothing shifts)."""
+    import numpy as np
+
+    from sim.demos import load_demos
+
+    policy = vla_prune.build_policy("tiny-openvla-112")
+    full = train_mod.DemoBatches(str(demos), policy, _cfg(demos, tmp_path, aux_weight=1.0))
+    cfg = _cfg(demos, tmp_path, aux_weight=1.0, frame_stride=3)
+    sub = train_mod.DemoBatches(str(demos), policy, cfg)
+    rows, start = [], 0
+    for ep in load_demos(demos):
+        rows += [start + t for t in range(ep.seed % 3, len(ep), 3)]
+        start += len(ep)
+    assert len(sub) == len(rows) < len(full) / 2
+    assert np.array_equal(sub.images, full.images[rows])
+    assert torch.equal(sub.aux, full.aux[rows])
+    # the same actions, discretized with the kept frames' own statistics
+    raw = np.concatenate([ep.actions for ep in load_demos(demos)])[rows]
+    expect = policy.action_tokenizer.encode(normalize(raw, sub.stats))
+    assert np.array_equal(sub.action_tokens.numpy(), expect)
+    with pytest.raises(ValueError, match="frame_stride"):
+        train_mod.DemoBatches(str(demos), policy, _cfg(demos, tmp_path, frame_stride=0))
