@@ -51,6 +51,8 @@ class TrainConfig:
     blind: bool = False  # honesty control: the image is replaced by a constant gray frame
     aux_weight: float = 0.0  # >0: also regress scene geometry (see aux_targets)
     frame_stride: int = 1  # keep every k-th frame per episode (more scenes per GB of RAM)
+    val_data: str = ""  # held-out scenes: validation loss/accuracy at every save
+    val_size: int = 256  # validation transitions (evenly spaced over val_data)
     init_from: str = ""  # start from a trained checkpoint's weights (e.g. CogACT from OpenVLA)
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
     seed: int = 0
@@ -100,7 +102,10 @@ class DemoBatches:
     many more distinct scenes fit in memory: neighbouring frames are near-duplicates, and a
     policy learns to find the target from seeing many scenes, not many frames of one."""
 
-    def __init__(self, data: str, policy: vla_prune.Policy, cfg: TrainConfig):
+    def __init__(
+        self, data: str, policy: vla_prune.Policy, cfg: TrainConfig, stats: dict | None = None
+    ):
+        """stats: discretize with these statistics (a validation set uses the training set's)."""
         if cfg.frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {cfg.frame_stride}")
         images, actions, prompts, anchors, chunk_rows, aux = [], [], [], [], [], []
@@ -126,7 +131,7 @@ class DemoBatches:
         self.images = np.concatenate(images)
         self.aux = torch.from_numpy(np.concatenate(aux)) if aux else None
         raw = np.concatenate(actions).astype(np.float32)
-        self.stats = action_stats(raw[anchors])
+        self.stats = stats or action_stats(raw[anchors])
         normalized = normalize(raw, self.stats)
         tokens = policy.action_tokenizer.encode(normalized[anchors])
         self.action_tokens = torch.from_numpy(tokens)
@@ -147,13 +152,17 @@ class DemoBatches:
 
     def sample(self, gen: torch.Generator):
         idx = torch.randint(len(self), (self.cfg.batch_size,), generator=gen)
+        return self.batch(idx, gen)
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None):
+        """Rows `idx` as (pixels, prompt ids, targets, aux); random shifts only with `gen`."""
         pc = self.policy.config
         pixels = []
         for i in idx.tolist():
             img = self.images[i]
             if self.cfg.blind:
                 img = np.full_like(img, 128)
-            elif self.cfg.shift:
+            elif self.cfg.shift and gen is not None:
                 img = _random_shift(img, self.cfg.shift, gen)
             pixels.append(image_to_pixels(img, pc.image_size, pc.image_means, pc.image_stds))
         prompts = [self.prompt_ids[i] for i in idx.tolist()]
@@ -334,6 +343,32 @@ def init_weights(model: torch.nn.Module, checkpoint: str) -> None:
     log.info("initialized %d tensors from %s; from scratch: %s", len(source), checkpoint, fresh[:8])
 
 
+@torch.no_grad()
+def validate(policy, val: DemoBatches, cfg: TrainConfig, aux_head=None) -> dict[str, float]:
+    """Loss, action-token accuracy and aux loss on held-out scenes (no augmentation).
+
+    The number that tells memorizing from learning: a small model fits the training scenes'
+    layouts long before it learns to find the named object in a new one."""
+    model_was_training = policy.model.training
+    policy.model.eval()
+    rows = torch.linspace(0, len(val) - 1, min(cfg.val_size, len(val))).long()
+    gen = torch.Generator().manual_seed(0)  # the diffusion loss's noise, fixed across saves
+    totals = {"val_loss": 0.0, "val_acc": 0.0, "val_aux": 0.0}
+    for chunk in rows.split(cfg.batch_size):
+        pixels, prompts, targets, aux = val.batch(chunk)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            if val.chunks is None:
+                out = action_loss(policy, pixels, prompts, targets, 0.0, aux_head, aux)
+            else:
+                out = diffusion_loss(
+                    policy, pixels, prompts, targets, gen, aux_head=aux_head, aux=aux
+                )
+        for key, value in zip(totals, out):
+            totals[key] += value.item() * len(chunk) / len(rows)
+    policy.model.train(model_was_training)
+    return {k: round(v, 4) for k, v in totals.items()}
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -349,6 +384,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.init_from:
         init_weights(policy.model, cfg.init_from)
     data = DemoBatches(cfg.data, policy, cfg)
+    val = DemoBatches(cfg.val_data, policy, cfg, stats=data.stats) if cfg.val_data else None
     model = policy.model.train()
     aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM) if cfg.aux_weight > 0 else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
@@ -436,6 +472,11 @@ def train(cfg: TrainConfig) -> Path:
                 tmp,
             )
             os.replace(tmp, state_path)  # atomic: a crash never leaves a half-written state
+            if val is not None:
+                rec = {"step": step, **validate(policy, val, cfg, aux_head)}
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                log.info("step %d held-out: %s", step, rec)
     model.eval()
     policy.norm_stats = {UNNORM_KEY: data.stats}
     policy.unnorm_key = UNNORM_KEY
