@@ -152,6 +152,15 @@ def test_aux_loss_trains_and_is_not_exported(demos, tmp_path):
     assert policy.config.image_size == 112 and policy.config.num_patches == 64
     state = torch.load(tmp_path / "aux/train_state.pt", weights_only=True)
     assert set(state["aux_head"]) == {"weight", "bias"}
+    # the grounding probe reads that head back (3 press scenes, one of 4 buttons each)
+    from sim.probe import probe
+
+    got = probe(str(tmp_path / "aux/train_state.pt"), str(demos))
+    assert set(got) == {"press"} and got["press"]["episodes"] == 3
+    assert 0.0 <= got["press"]["grounded"] <= 1.0 and 0.0 < got["press"]["median_error_m"] < 1.0
+    train(_cfg(demos, tmp_path / "plain", steps=2))
+    with pytest.raises(ValueError, match="no auxiliary head"):
+        probe(str(tmp_path / "plain/train_state.pt"), str(demos))
 
 
 def test_init_from_copies_the_vlm_and_rejects_a_mismatch(tmp_path):
