@@ -32,8 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.demos import EPISODE_DIR, DemoEpisode, _prepare_out_dir, save_episode
-from sim.envs.base import EVAL_SEEDS
+from sim.demos import MANIFEST, DemoEpisode, check_seeds_and_tasks, prepare_out_dir, store_episode
 from sim.envs.embedded import TASKS, EmbeddedConfig, EmbeddedEnv
 from sim.experts import expert_for
 
@@ -101,23 +100,19 @@ def collect(cfg: DaggerConfig) -> list[dict]:
 
     import vla_prune
 
-    if cfg.seed_start < EVAL_SEEDS.stop:
-        raise ValueError(f"seed_start={cfg.seed_start} overlaps the eval seeds {EVAL_SEEDS}")
+    check_seeds_and_tasks(cfg.seed_start, cfg.tasks)
     if not 0.0 <= cfg.beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {cfg.beta}")
     if cfg.batch < 1 or cfg.episodes_per_task < 1:
         raise ValueError("batch and episodes_per_task must be >= 1")
-    unknown = [t for t in cfg.tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
     torch.set_num_threads(cfg.threads)
     policy = vla_prune.policy_from(cfg.policy, seed=cfg.seed)
     if "embedded" in policy.norm_stats:
         policy.configure(unnorm_key="embedded")
-    out = _prepare_out_dir(cfg)
+    out = prepare_out_dir(cfg.out_dir, cfg.overwrite)
     rng = np.random.default_rng(cfg.seed)
     records: list[dict] = []
-    with open(out / "manifest.jsonl", "w") as manifest:
+    with open(out / MANIFEST, "w") as manifest:
         for task in cfg.tasks:
             envs = [EmbeddedEnv(task, cfg.env) for _ in range(cfg.batch)]
             t0, wins = time.perf_counter(), 0
@@ -126,24 +121,8 @@ def collect(cfg: DaggerConfig) -> list[dict]:
                     n = min(cfg.batch, cfg.episodes_per_task - first)
                     seeds = [cfg.seed_start + first + j for j in range(n)]
                     for ep in rollout_batch(policy, envs[:n], seeds, cfg.beta, rng):
-                        rel = f"{EPISODE_DIR}/{task}_{ep.seed}.npz"
-                        save_episode(ep, out / rel)
-                        record = {
-                            "file": rel,
-                            "suite": "embedded",
-                            "task": task,
-                            "family": ep.family,
-                            "seed": ep.seed,
-                            "instruction": ep.instruction,
-                            "length": len(ep),
-                            "success": ep.success,
-                            "source": "dagger",
-                            "beta": cfg.beta,
-                            "policy": str(cfg.policy),
-                        }
-                        manifest.write(json.dumps(record) + "\n")
-                        manifest.flush()
-                        records.append(record)
+                        tag = {"source": "dagger", "beta": cfg.beta, "policy": str(cfg.policy)}
+                        records.append(store_episode(out, manifest, ep, **tag))
                         wins += ep.success
                     done = first + n
                     rate = done / (time.perf_counter() - t0)

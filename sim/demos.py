@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -125,11 +126,24 @@ def save_episode(episode: DemoEpisode, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_out_dir(cfg: DemoConfig) -> Path:
-    out = Path(cfg.out_dir)
+def check_seeds_and_tasks(seed_start: int, tasks: Sequence[str]) -> None:
+    """Training data never uses eval seeds, and only known task families."""
+    if seed_start < EVAL_SEEDS.stop:
+        raise ValueError(
+            f"seed_start={seed_start} overlaps the eval seeds {EVAL_SEEDS}; demo seeds "
+            f"start at {DEMO_SEED_START} by convention"
+        )
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """An empty dataset directory (an existing one only with `overwrite`)."""
+    out = Path(out_dir)
     manifest = out / MANIFEST
     if manifest.exists():
-        if not cfg.overwrite:
+        if not overwrite:
             raise FileExistsError(
                 f"{manifest} exists; pass overwrite=True (--overwrite) to replace it"
             )
@@ -140,17 +154,30 @@ def _prepare_out_dir(cfg: DemoConfig) -> Path:
     return out
 
 
+def store_episode(out: Path, manifest: IO[str], episode: DemoEpisode, **extra: Any) -> dict:
+    """Save `episode` under out/episodes/ and append its manifest line; returns the record."""
+    rel = f"{EPISODE_DIR}/{episode.family}_{episode.seed}.npz"
+    save_episode(episode, out / rel)
+    record = {
+        "file": rel,
+        "suite": "embedded",
+        "task": episode.family,
+        "family": episode.family,
+        "seed": episode.seed,
+        "instruction": episode.instruction,
+        "length": len(episode),
+        "success": episode.success,
+        **extra,
+    }
+    manifest.write(json.dumps(record) + "\n")
+    manifest.flush()
+    return record
+
+
 def generate_demos(cfg: DemoConfig) -> list[dict]:
     """Generate the dataset described by `cfg`; returns the manifest records."""
-    if cfg.seed_start < EVAL_SEEDS.stop:
-        raise ValueError(
-            f"seed_start={cfg.seed_start} overlaps the eval seeds {EVAL_SEEDS}; demo seeds "
-            f"start at {DEMO_SEED_START} by convention"
-        )
-    unknown = [t for t in cfg.tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
-    out = _prepare_out_dir(cfg)
+    check_seeds_and_tasks(cfg.seed_start, cfg.tasks)
+    out = prepare_out_dir(cfg.out_dir, cfg.overwrite)
     records: list[dict] = []
     max_attempts = max(1, int(cfg.max_attempts_factor * cfg.episodes_per_task))
     want = cfg.episodes_per_task
@@ -167,20 +194,7 @@ def generate_demos(cfg: DemoConfig) -> list[dict]:
                     episode = record_episode(env, seed, cfg.noise_std)
                     if not episode.success and not cfg.keep_failures:
                         continue
-                    rel = f"{EPISODE_DIR}/{task}_{seed}.npz"
-                    save_episode(episode, out / rel)
-                    record = {
-                        "file": rel,
-                        "suite": "embedded",
-                        "task": task,
-                        "family": episode.family,
-                        "seed": seed,
-                        "instruction": episode.instruction,
-                        "length": len(episode),
-                        "success": episode.success,
-                    }
-                    manifest.write(json.dumps(record) + "\n")
-                    manifest.flush()
+                    record = store_episode(out, manifest, episode)
                     records.append(record)
                     kept += 1
                     if kept % log_every == 0 or kept == want:

@@ -25,7 +25,7 @@ import torch
 
 import vla_prune
 from sim.envs.embedded import EmbeddedEnv
-from sim.train import AUX_DIM, AUX_SCALE, TrainConfig, _last_hidden, iter_episodes
+from sim.train import AUX_DIM, AUX_SCALE, TrainConfig, iter_episodes, last_hidden
 from vla_prune.preprocess import image_to_pixels
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def probe(state_path: str, data: str, per_family: int = 40) -> dict[str, dict[st
             target = task.objects[task.target_object].xy
             candidates = [o.xy for o in task.objects]
         pixels = image_to_pixels(ep.images[0], pc.image_size, pc.image_means, pc.image_stds)
-        hidden, lengths = _last_hidden(policy, pixels, [policy.token_ids(ep.instruction)])
+        hidden, lengths = last_hidden(policy, pixels, [policy.token_ids(ep.instruction)])
         predicted = head(hidden[0, lengths[0] - 1]).numpy()[4:6] / AUX_SCALE
         dist = [float(np.linalg.norm(predicted - np.asarray(c))) for c in candidates]
         hits[ep.family].append(bool(np.allclose(candidates[int(np.argmin(dist))], target)))

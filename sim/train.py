@@ -236,7 +236,7 @@ def action_loss(
     small dataset otherwise collapses to the marginal action for a long time.
     """
     n_act = action_tokens.shape[1]
-    hidden, lengths = _last_hidden(policy, pixels, prompts, action_tokens[:, :-1])
+    hidden, lengths = last_hidden(policy, pixels, prompts, action_tokens[:, :-1])
     # the rows whose next token is an action token: the last prompt row, then a1..a6
     at = torch.stack([torch.arange(n - n_act, n) for n in lengths])
     h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -254,7 +254,7 @@ def _aux_loss(aux_head: torch.nn.Module | None, query: torch.Tensor, aux) -> tor
     return F.smooth_l1_loss(aux_head(query).float(), aux, beta=0.1)
 
 
-def _last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None):
+def last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None):
     """Final-norm hidden states of [BOS, visual, prompt (+ extra tokens)], right-padded;
     returns (hidden [B, L, D], lengths)."""
     model = policy.model
@@ -293,7 +293,7 @@ def diffusion_loss(
     which is what classifier-free guidance needs. `repeats` noise draws per LLM forward."""
     from vla_prune.models.cogact import squaredcos_alphas_cumprod
 
-    hidden, lengths = _last_hidden(policy, pixels, prompts)
+    hidden, lengths = last_hidden(policy, pixels, prompts)
     b = hidden.shape[0]
     z = hidden[torch.arange(b), torch.tensor(lengths) - 1][:, None]  # [B, 1, D]
     aux_loss = _aux_loss(aux_head, z[:, 0], aux)  # the cognition token
