@@ -2,7 +2,7 @@
 
 Reads a run's `train_state.pt` (which, unlike the exported policy, keeps the auxiliary
 geometry head of `--aux-weight`), shows the first frame of each episode in a dataset, and
-reads off where the head thinks the episode's target is (`sim.train.aux_targets`' source
+reads off where the head thinks the episode's target is (`sim.dataset.aux_targets`' source
 x, y). It counts the episode as grounded when the nearest candidate (button, or object) to
 that prediction is the real target; with 3 objects, chance is 1/3.
 
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 import vla_prune
+from sim.dataset import AUX_DIM, AUX_SCALE, iter_episodes
 from sim.envs.embedded import EmbeddedEnv
-from sim.train import AUX_DIM, AUX_SCALE, TrainConfig, iter_episodes, last_hidden
+from sim.train import TrainConfig, last_hidden
 from vla_prune.preprocess import image_to_pixels
 
 log = logging.getLogger(__name__)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from sim.dagger import DaggerConfig, collect
+from sim.dataset import iter_episodes
 from sim.demos import load_demos, record_episode
 from sim.envs.embedded import EmbeddedEnv
-from sim.train import iter_episodes
 
 pytestmark = pytest.mark.sim
 

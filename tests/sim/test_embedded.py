@@ -14,6 +14,7 @@ pytest.importorskip("gymnasium")
 from sim.demos import DemoConfig, DemoDatasetError, generate_demos, load_demos  # noqa: E402
 from sim.envs import list_tasks, make_env  # noqa: E402
 from sim.envs.embedded import EmbeddedConfig, EmbeddedEnv  # noqa: E402
+from sim.envs.embedded.scene import TABLE_HALF, object_geom_name  # noqa: E402
 from sim.envs.embedded.tasks import COLOR_NAMES, MIN_SEP  # noqa: E402
 from sim.experts import expert_for  # noqa: E402
 
@@ -291,3 +292,44 @@ def test_load_demos_errors(tmp_path):
     with pytest.raises(DemoDatasetError, match="manifest"):
         list(load_demos(cfg.out_dir))
     assert first.exists()
+
+
+def _visible_geoms(env: EmbeddedEnv) -> set[int]:
+    """Geom ids drawn in the agent view (segmentation render, hidden groups excluded)."""
+    import mujoco
+
+    with mujoco.Renderer(env.model, 64, 64) as renderer:
+        renderer.enable_segmentation_rendering()
+        option = mujoco.MjvOption()
+        option.geomgroup[:] = 1
+        option.geomgroup[5] = 0  # HIDDEN_GROUP, as the env's own renders
+        renderer.update_scene(env.data, camera="agentview", scene_option=option)
+        seg = renderer.render()
+    return {int(g) for g, kind in seg.reshape(-1, 2) if kind == mujoco.mjtObj.mjOBJ_GEOM}
+
+
+@pytest.mark.parametrize("family", ["pick_place", "stack"])
+def test_without_distractors_same_task_only_target_objects(family):
+    """The diagnostic ablation: same seed, same task; the other objects are gone from view and
+    from the table; the expert still solves it."""
+    full = EmbeddedEnv(family, image_size=SMALL)
+    bare = EmbeddedEnv(family, image_size=SMALL, distractors=False)
+    try:
+        for seed in range(3):
+            obs_full, _ = full.reset(seed=seed)
+            obs_bare, _ = bare.reset(seed=seed)
+            task = bare.task_instance
+            assert task == full.task_instance and obs_bare["instruction"] == obs_full["instruction"]
+            assert not np.array_equal(obs_bare["image"], obs_full["image"])
+            kept = {task.target_object, task.base_object} - {None}
+            shown = _visible_geoms(bare)
+            for i, obj in enumerate(task.objects):
+                geom = bare.model.geom(object_geom_name(i, obj.shape)).id
+                assert (geom in shown) == (i in kept)
+                on_table = np.abs(bare.object_pos(i)[:2]).max() < TABLE_HALF
+                assert on_table == (i in kept)
+            assert _run_expert(bare, seed)["success"]
+            assert all(np.abs(bare.object_pos(i)[:2]).max() > 1 for i in range(3) if i not in kept)
+    finally:
+        full.close()
+        bare.close()

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import vla_prune
+from sim import dataset
 from sim import train as train_mod
+from sim.dataset import normalize
 from sim.demos import DemoConfig, generate_demos
-from sim.train import TrainConfig, normalize, train
+from sim.train import TrainConfig, train
 from vla_prune.models.openvla import unnormalize
 
 pytestmark = pytest.mark.sim
@@ -78,7 +80,7 @@ def test_normalize_inverts_unnormalize():
     actions = np.random.default_rng(0).uniform(-0.03, 0.03, (100, 7)).astype(np.float32)
     actions[:, 3:6] = 0
     actions[:, 6] = np.random.default_rng(1).integers(0, 2, 100)
-    stats = train_mod.action_stats(actions)
+    stats = dataset.action_stats(actions)
     norm = normalize(actions, stats)
     assert norm.min() >= -1 and norm.max() <= 1
     inside = (actions >= stats["action"]["q01"]) & (actions <= stats["action"]["q99"])
@@ -124,18 +126,18 @@ def test_aux_targets_match_the_scene(demos):
     from sim.demos import load_demos
     from sim.envs.embedded import EmbeddedEnv
 
-    aux = train_mod.aux_targets(str(demos))
+    aux = dataset.aux_targets(str(demos))
     episodes = list(load_demos(demos))
-    assert aux.shape == (sum(len(e) for e in episodes), train_mod.AUX_DIM)
+    assert aux.shape == (sum(len(e) for e in episodes), dataset.AUX_DIM)
     env = EmbeddedEnv("press", image_size=16)
     row = 0
     for ep in episodes:
         env.reset(seed=ep.seed)
         task = env.task_instance
-        button = np.asarray(task.fixtures[task.target_fixture].xy) * train_mod.AUX_SCALE
+        button = np.asarray(task.fixtures[task.target_fixture].xy) * dataset.AUX_SCALE
         block = aux[row : row + len(ep)]
         assert np.allclose(block[:, 4:6], button) and np.allclose(block[:, 6:8], button)
-        assert np.allclose(block[:, :3], ep.states[:, :3] * train_mod.AUX_SCALE)
+        assert np.allclose(block[:, :3], ep.states[:, :3] * dataset.AUX_SCALE)
         row += len(ep)
     env.close()
     # different seeds put the target button in different places
@@ -188,9 +190,9 @@ def test_frame_stride_keeps_every_kth_frame_with_its_labels(demos, tmp_path):
     from sim.demos import load_demos
 
     policy = vla_prune.build_policy("tiny-openvla-112")
-    full = train_mod.DemoBatches(str(demos), policy, _cfg(demos, tmp_path, aux_weight=1.0))
+    full = dataset.DemoBatches(str(demos), policy, _cfg(demos, tmp_path, aux_weight=1.0))
     cfg = _cfg(demos, tmp_path, aux_weight=1.0, frame_stride=3)
-    sub = train_mod.DemoBatches(str(demos), policy, cfg)
+    sub = dataset.DemoBatches(str(demos), policy, cfg)
     rows, start = [], 0
     for ep in load_demos(demos):
         rows += [start + t for t in range(ep.seed % 3, len(ep), 3)]
@@ -203,7 +205,7 @@ def test_frame_stride_keeps_every_kth_frame_with_its_labels(demos, tmp_path):
     expect = policy.action_tokenizer.encode(normalize(raw, sub.stats))
     assert np.array_equal(sub.action_tokens.numpy(), expect)
     with pytest.raises(ValueError, match="frame_stride"):
-        train_mod.DemoBatches(str(demos), policy, _cfg(demos, tmp_path, frame_stride=0))
+        dataset.DemoBatches(str(demos), policy, _cfg(demos, tmp_path, frame_stride=0))
 
 
 def test_validation_on_held_out_scenes_is_logged_and_deterministic(demos, tmp_path):
@@ -222,7 +224,7 @@ def test_validation_on_held_out_scenes_is_logged_and_deterministic(demos, tmp_pa
     # same numbers (no augmentation, fixed rows)
     stats = vla_prune.load_policy(final).norm_stats["embedded"]
     fresh = vla_prune.build_policy(cfg.preset, seed=cfg.seed)
-    data = train_mod.DemoBatches(str(held_out), fresh, cfg, stats=stats)
+    data = dataset.DemoBatches(str(held_out), fresh, cfg, stats=stats)
     before = train_mod.validate(fresh, data, cfg)
     assert before == train_mod.validate(fresh, data, cfg)
     assert val[-1]["val_loss"] < 0.8 * before["val_loss"]

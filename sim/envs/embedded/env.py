@@ -34,6 +34,7 @@ from sim.envs.base import (
 from sim.envs.embedded.scene import (
     BUTTON_CAP_HALF_HEIGHT,
     FINGER_TRAVEL,
+    FLOOR_Z,
     HIDDEN_GROUP,
     OBJECT_HALF,
     SHAPES,
@@ -50,6 +51,7 @@ from sim.envs.embedded.tasks import (
 
 logger = logging.getLogger(__name__)
 
+PARKED_Z = FLOOR_Z + OBJECT_HALF  # parked distractors rest on the hidden floor
 # Commanded gripper positions are clipped to this box (metres, grip-site coordinates). The
 # lower z keeps the finger tips 5 mm above the table.
 WORKSPACE_LOW = np.array([-0.32, -0.32, 0.02])
@@ -71,6 +73,10 @@ class EmbeddedConfig:
     control_hz: float = 10.0  # control steps per simulated second
     max_delta: float = 0.03  # metres per step, clip for each of dx, dy, dz
     max_steps: int | None = None  # None: the family's default step limit
+    # False: a diagnostic ablation. Objects that are neither the target nor (stack) the base are
+    # parked off the table and hidden, so a failure can no longer be "picked the wrong object".
+    # Distractor buttons/pads/plates stay. The seed decides the same scene either way.
+    distractors: bool = True
 
 
 _LIVE_ENVS: weakref.WeakSet[EmbeddedEnv] = weakref.WeakSet()
@@ -171,6 +177,8 @@ class EmbeddedEnv(LanguageConditionedEnv):
             adr = self._obj_qadr[i]
             d.qpos[adr : adr + 3] = (*obj.xy, OBJECT_HALF)
             d.qpos[adr + 3 : adr + 7] = (np.cos(obj.yaw / 2), 0.0, 0.0, np.sin(obj.yaw / 2))
+        if not self.config.distractors:
+            self._park_distractors(task)
         for i, fix in enumerate(task.fixtures):
             m.body_pos[self._fix_body[i]] = (*fix.xy, 0.0)
             m.geom_rgba[self._fix_geom[i]] = (*COLORS[fix.color], 1.0)
@@ -185,6 +193,16 @@ class EmbeddedEnv(LanguageConditionedEnv):
         self._closed = False
         self._grasped: int | None = None
         self._ever_pressed = np.zeros(self.family.n_fixtures, dtype=bool)
+
+    def _park_distractors(self, task: TaskInstance) -> None:
+        keep = {task.target_object, task.base_object}
+        for i in range(len(task.objects)):
+            if i in keep:
+                continue
+            for gid in self._obj_geoms[i].values():
+                self.model.geom_group[gid] = HIDDEN_GROUP  # never rendered; still collides
+            adr = self._obj_qadr[i]  # resting on the hidden floor, far outside the view
+            self.data.qpos[adr : adr + 3] = (1.5 + 0.2 * i, 1.5, PARKED_Z)
 
     # --- gym API ------------------------------------------------------------------------------
 

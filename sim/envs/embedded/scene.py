@@ -30,6 +30,7 @@ FINGER_TRAVEL = 0.04  # per finger: open gap = 2 * (FINGER_TRAVEL + 0.002)
 
 SHAPES = ("cube", "cylinder", "sphere")
 HIDDEN_GROUP = 5  # geom group that the renderer never draws
+FLOOR_Z = -0.7  # a hidden floor under the table: catches anything that falls off
 
 _GEOM_OF_SHAPE = {
     "cube": f'type="box" size="{OBJECT_HALF} {OBJECT_HALF} {OBJECT_HALF}"',
@@ -119,7 +120,7 @@ def build_scene_xml(
     <light name="top" directional="true" pos="0 0 2" dir="0.2 0.3 -1" castshadow="false"
            diffuse=".5 .5 .5" specular="0 0 0"/>
     <!-- Catches anything knocked off the table; never drawn. -->
-    <geom name="floor" type="plane" size="3 3 .1" pos="0 0 -0.7" group="{HIDDEN_GROUP}"/>
+    <geom name="floor" type="plane" size="3 3 .1" pos="0 0 {FLOOR_Z}" group="{HIDDEN_GROUP}"/>
     <geom name="table" type="box" size="{TABLE_HALF} {TABLE_HALF} 0.02" pos="0 0 -0.02"
           rgba=".55 .53 .5 1" material="matte"/>
     <camera name="agentview" pos="0 -0.4 0.78" xyaxes="1 0 0 0 0.899 0.438" fovy="45"/>
