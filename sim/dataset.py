@@ -71,6 +71,7 @@ class DemoBatches:
         if cfg.frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {cfg.frame_stride}")
         images, actions, prompts, anchors, chunk_rows, aux = [], [], [], [], [], []
+        families: list[str] = []
         chunk = getattr(policy.config, "chunk", 0)  # CogACT: the DiT predicts action chunks
         envs: dict = {}
         start = 0
@@ -82,6 +83,7 @@ class DemoBatches:
             images.append(ep.images[keep])  # a copy: the episode's full arrays can go
             actions.append(ep.actions)
             prompts += [ep.instruction] * len(keep)
+            families += [ep.family] * len(keep)
             anchors += (start + keep).tolist()
             # rows t .. t+chunk-1 of the episode, the last one repeated
             chunk_rows += [[start + min(t + j, n - 1) for j in range(chunk)] for t in keep]
@@ -91,6 +93,7 @@ class DemoBatches:
         for env in envs.values():
             env.close()
         self.images = np.concatenate(images)
+        self.families = families  # per row: the episode's task family
         self.aux = torch.from_numpy(np.concatenate(aux)) if aux else None
         raw = np.concatenate(actions).astype(np.float32)
         self.stats = stats or action_stats(raw[anchors])

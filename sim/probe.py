@@ -1,5 +1,9 @@
-"""Grounding probe: does a training run find the named target in scenes it never saw?
+"""Probes of a trained policy: does it find the named target, and how far off are its actions?
 
+`probe` (grounding) and `action_errors` (teacher-forced action tokens, by family and action
+dimension) say *which* part of a task a weak policy gets wrong.
+
+Grounding:
 Reads a run's `train_state.pt` (which, unlike the exported policy, keeps the auxiliary
 geometry head of `--aux-weight`), shows the first frame of each episode in a dataset, and
 reads off where the head thinks the episode's target is (`sim.dataset.aux_targets`' source
@@ -11,6 +15,12 @@ is a model that memorized layouts instead of learning to read the instruction.
 
     python -m sim.demos --out data/heldout --episodes-per-task 40 --seed-start 1900000
     python -m sim.probe --state runs/e112/train_state.pt --data data/heldout
+
+Actions: for every frame of the dataset's episodes (the expert's states), the distance in bins
+between the policy's most likely action token and the expert's, per action dimension. A family
+whose dx/dy errors are several times press's is one the policy cannot steer in.
+
+    python -m sim.probe --policy checkpoints/embedded-openvla --data data/heldout
 """
 
 from __future__ import annotations
@@ -24,9 +34,9 @@ import numpy as np
 import torch
 
 import vla_prune
-from sim.dataset import AUX_DIM, AUX_SCALE, iter_episodes
+from sim.dataset import AUX_DIM, AUX_SCALE, DemoBatches, iter_episodes
 from sim.envs.embedded import EmbeddedEnv
-from sim.train import TrainConfig, last_hidden
+from sim.train import TrainConfig, action_logits, last_hidden
 from vla_prune.preprocess import image_to_pixels
 
 log = logging.getLogger(__name__)
@@ -79,14 +89,57 @@ def probe(state_path: str, data: str, per_family: int = 40) -> dict[str, dict[st
     }
 
 
+@torch.no_grad()
+def action_errors(
+    policy: vla_prune.Policy | str, data: str, frames_per_family: int = 512
+) -> dict[str, dict]:
+    """Per family: mean |predicted bin - expert bin| and exact-token accuracy per action
+    dimension [dx, dy, dz, droll, dpitch, dyaw, gripper], teacher forced on up to
+    `frames_per_family` frames spread evenly over the family's episodes."""
+    if isinstance(policy, str):
+        policy = vla_prune.load_policy(policy)
+    if getattr(policy.config, "chunk", 0):
+        raise ValueError("action_errors reads action tokens: it needs an OpenVLA policy")
+    if policy.unnorm_key not in policy.norm_stats:
+        raise ValueError("the policy has no action statistics to discretize the expert's actions")
+    cfg = TrainConfig(data=data, out="", batch_size=64)
+    rows = DemoBatches(data, policy, cfg, stats=policy.norm_stats[policy.unnorm_key])
+    families = np.asarray(rows.families)
+    policy.model.eval()
+    out: dict[str, dict] = {}
+    for family in dict.fromkeys(rows.families):
+        idx = np.flatnonzero(families == family)
+        idx = idx[np.linspace(0, len(idx) - 1, min(frames_per_family, len(idx))).astype(int)]
+        errors, hits = [], []
+        for chunk in torch.from_numpy(idx).split(cfg.batch_size):
+            pixels, prompts, targets, _ = rows.batch(chunk)
+            logits, _ = action_logits(policy, pixels, prompts, targets)
+            predicted = logits.argmax(-1)
+            errors.append((predicted - targets).abs().float())
+            hits.append((predicted == targets).float())
+        out[family] = {
+            "frames": len(idx),
+            "bin_error": [round(x, 2) for x in torch.cat(errors).mean(0).tolist()],
+            "token_acc": [round(x, 3) for x in torch.cat(hits).mean(0).tolist()],
+        }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--state", required=True, help="a run's train_state.pt")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--state", help="grounding: a run's train_state.pt (with its aux head)")
+    which.add_argument("--policy", help="action errors: an OpenVLA checkpoint dir")
     ap.add_argument("--data", required=True, help="dataset dir(s), a,b,...")
-    ap.add_argument("--per-family", type=int, default=40)
+    ap.add_argument("--per-family", type=int, default=40, help="grounding: episodes per family")
+    ap.add_argument("--frames", type=int, default=512, help="actions: frames per family")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(json.dumps(probe(args.state, args.data, args.per_family), indent=2))
+    if args.state:
+        result = probe(args.state, args.data, args.per_family)
+    else:
+        result = action_errors(args.policy, args.data, args.frames)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

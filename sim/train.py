@@ -75,16 +75,21 @@ def action_loss(
     their decoding are OpenVLA's either way; this only shapes the training signal, which on a
     small dataset otherwise collapses to the marginal action for a long time.
     """
-    n_act = action_tokens.shape[1]
-    hidden, lengths = last_hidden(policy, pixels, prompts, action_tokens[:, :-1])
-    # the rows whose next token is an action token: the last prompt row, then a1..a6
-    at = torch.stack([torch.arange(n - n_act, n) for n in lengths])
-    h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
-    logits = policy.model.language_model.lm_head(h).float()
+    logits, h = action_logits(policy, pixels, prompts, action_tokens)
     at = policy.action_tokenizer
     loss = soft_label_loss(logits, action_tokens, at.first_action_id, at.n_bins, label_sigma)
     acc = (logits.argmax(-1) == action_tokens).float().mean()
     return loss, acc, _aux_loss(aux_head, h[:, 0], aux)  # the row predicting the first action
+
+
+def action_logits(policy: vla_prune.Policy, pixels, prompts, action_tokens):
+    """Teacher-forced logits [B, 7, vocab] of the 7 action tokens, and their hidden states."""
+    n_act = action_tokens.shape[1]
+    hidden, lengths = last_hidden(policy, pixels, prompts, action_tokens[:, :-1])
+    # the rows whose next token is an action token: the last prompt row, then a1..a6
+    rows = torch.stack([torch.arange(n - n_act, n) for n in lengths])
+    h = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+    return policy.model.language_model.lm_head(h).float(), h
 
 
 def _aux_loss(aux_head: torch.nn.Module | None, query: torch.Tensor, aux) -> torch.Tensor:

@@ -48,6 +48,17 @@ def test_loss_falls_and_checkpoint_loads(demos, tmp_path):
     assert policy.unnorm_key == "embedded"
     r = policy.step(torch.zeros(128, 128, 3, dtype=torch.uint8).numpy(), "press the red button")
     assert r.actions.shape == (1, 7)
+    # the action probe: teacher forced on its own demos, the trained policy's tokens are
+    # closer to the expert's than an untrained model's (with the same statistics)
+    from sim.probe import action_errors
+
+    trained = action_errors(policy, str(demos), frames_per_family=40)
+    fresh = vla_prune.build_policy("tiny-openvla", seed=1)
+    fresh.norm_stats, fresh.unnorm_key = policy.norm_stats, policy.unnorm_key
+    untrained = action_errors(fresh, str(demos), frames_per_family=40)
+    assert set(trained) == {"press"} and trained["press"]["frames"] == 40
+    assert len(trained["press"]["bin_error"]) == len(trained["press"]["token_acc"]) == 7
+    assert sum(trained["press"]["bin_error"]) < 0.5 * sum(untrained["press"]["bin_error"])
 
 
 def test_interrupted_run_resumes_to_identical_weights(demos, tmp_path, monkeypatch):
