@@ -135,10 +135,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--frames", type=int, default=512, help="actions: frames per family")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.state:
-        result = probe(args.state, args.data, args.per_family)
-    else:
-        result = action_errors(args.policy, args.data, args.frames)
+    try:
+        if args.state:
+            result = probe(args.state, args.data, args.per_family)
+        else:
+            result = action_errors(args.policy, args.data, args.frames)
+    except (ValueError, FileNotFoundError) as e:  # e.g. a CogACT policy, a state without aux
+        ap.error(str(e))
     print(json.dumps(result, indent=2))
 
 
