@@ -26,8 +26,10 @@ class PolicyNodeParams:
     seed: int = 0  # weights of a preset (random, seeded)
     threads: int = 1  # torch CPU threads
     warmup_steps: int = 2  # untimed steps at configure (lazy init, allocator)
-    prune_method: str = "vla-pruner"  # see configs/pruning; "none" disables acceleration
-    keep_ratio: float = 1.0  # baseline kept visual-token ratio when there is headroom
+    # Acceleration at the slowest level, in the run-spec grammar (vla_prune/runspec.py):
+    # method@keep (keep = visual tokens kept when there is headroom) [+cacheN] [+skip[i,j]];
+    # "dense" = no acceleration levels. The controller lowers the keep count under load.
+    accel: str = "vla-pruner@1.0"
     min_keep_tokens: int = 32  # quality floor: the controller never keeps fewer tokens
     # -- latency budget and control --
     budget_ms: float = 100.0  # per-step deadline; 0 = no deadline, no controller
@@ -65,7 +67,7 @@ class PolicyNodeParams:
 
 # Changeable while the node is configured; the rest apply at the next configure.
 POLICY_RUNTIME = frozenset({
-    "keep_ratio", "min_keep_tokens", "budget_ms", "budget_target", "budget_relax",
+    "accel", "min_keep_tokens", "budget_ms", "budget_target", "budget_relax",
     "relax_after_steps", "control_rate_hz", "max_image_age_ms", "safe_action",
     "initial_gripper", "max_image_side", "max_instruction_chars", "diagnostics_period_s",
     "inject_delay_ms", "inject_delay_mode",
@@ -103,8 +105,11 @@ def _fail(name: str, value: Any, need: str) -> str:
 def check_policy_param(name: str, value: Any) -> str | None:
     """None if `value` is valid for `name`, else the reason (one line)."""
     positive = {"control_rate_hz", "diagnostics_period_s", "max_image_age_ms"}
-    if name in ("keep_ratio",) and not (0.0 < value <= 1.0):
-        return _fail(name, value, "must be in (0, 1]")
+    if name == "accel":
+        try:
+            accel_spec(value)
+        except ValueError as e:  # the grammar's own message: names the spec and the fault
+            return f"parameter accel: {e}"
     if name in positive and not (value > 0 and math.isfinite(value)):
         return _fail(name, value, "must be a finite number > 0")
     if name in ("budget_ms", "inject_delay_ms") and not (
@@ -132,7 +137,7 @@ def check_policy_param(name: str, value: Any) -> str | None:
         return _fail(name, value, f"must be one of {IMAGE_TRANSPORTS}")
     if name == "initial_gripper" and not math.isfinite(value):
         return _fail(name, value, "must be finite")
-    if name in ("policy", "prune_method") and not value.strip():
+    if name == "policy" and not value.strip():
         return _fail(name, value, "must not be empty")
     if name.endswith("_topic") and name != "twist_topic" and not value.strip():
         return _fail(name, value, "must not be empty")
@@ -146,15 +151,19 @@ def check_policy_params(p: PolicyNodeParams) -> list[str]:
         errors.append(
             f"budget_relax ({p.budget_relax}) must be below budget_target ({p.budget_target})"
         )
-    if p.prune_method.strip() and p.prune_method != "none":
-        try:
-            from vla_prune import PruneConfig
-            from vla_prune.pruning.base import make_pruner
-
-            make_pruner(PruneConfig(method=p.prune_method))
-        except (ValueError, KeyError) as e:
-            errors.append(f"parameter prune_method={p.prune_method!r}: {e}")
     return errors
+
+
+def accel_spec(accel: str):
+    """The `accel` parameter parsed by the one run-spec grammar (ValueError if malformed)."""
+    from vla_prune.runspec import bad_spec, parse_run_spec
+
+    spec = parse_run_spec(accel)
+    if spec.skip_count is not None:
+        raise bad_spec(accel, "the node runs the layers it is told: skip[i,j] from calibrate")
+    if spec.blind or spec.ensemble:
+        raise bad_spec(accel, "blind / ensemble are evaluation settings, not node levels")
+    return spec
 
 
 def check_bridge_param(name: str, value: Any) -> str | None:

@@ -8,6 +8,7 @@ time or late) to feed the controller and the statistics.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ros_nodes.diagnostics import NodeStats, StepLog
-from ros_nodes.params import PolicyNodeParams
+from ros_nodes.params import PolicyNodeParams, accel_spec
 from vla_prune.runtime.budget import AccelLevel, BudgetConfig, BudgetController, make_levels
 
 WARMUP_INSTRUCTION = "pick up the block"
@@ -49,10 +50,10 @@ class PolicyRuntime:
     # -- configuration ------------------------------------------------------------------------
 
     def _levels(self, p: PolicyNodeParams) -> list[AccelLevel]:
-        if p.prune_method == "none":
+        prune = accel_spec(p.accel).prune
+        if prune.method == "none":
             return [AccelLevel(self.num_visual)]
-        baseline = max(1, min(self.num_visual, round(p.keep_ratio * self.num_visual)))
-        return make_levels(self.num_visual, baseline, p.min_keep_tokens)
+        return make_levels(self.num_visual, prune.budget(self.num_visual), p.min_keep_tokens)
 
     def _budget_config(self, p: PolicyNodeParams) -> BudgetConfig:
         stages = ("prefill", "inject") if p.inject_delay_mode == "per_token" else ("prefill",)
@@ -74,8 +75,9 @@ class PolicyRuntime:
                 self.controller.config = self._budget_config(p)
                 if budget_changed:
                     self.controller.set_budget(p.budget_ms)
-            if (p.keep_ratio, p.min_keep_tokens) != (old.keep_ratio, old.min_keep_tokens):
+            if (p.accel, p.min_keep_tokens) != (old.accel, old.min_keep_tokens):
                 self.controller.set_levels(self._levels(p))
+                self._applied = None  # the spec may change more than the keep count
             self._report_level()
 
     def request_reset(self) -> None:
@@ -83,12 +85,21 @@ class PolicyRuntime:
         with self._lock:
             self._reset = True
 
-    def prune_config(self, level: AccelLevel):
-        from vla_prune import PruneConfig
+    def policy_settings(self, level: AccelLevel) -> dict[str, Any]:
+        """configure() keywords for `level`: the accel spec with the level's keep count."""
+        spec = accel_spec(self.p.accel)
+        prune = spec.prune
+        if prune.method != "none":
+            prune = dataclasses.replace(prune, keep_ratio=None, keep_count=level.keep_count)
+        kw: dict[str, Any] = {"prune": prune, "skip_layers": list(spec.skip_layers)}
+        if hasattr(self.policy, "cache_config"):  # CogACT: the DiT cache is part of the spec
+            from vla_prune.caching import CacheConfig
 
-        if self.p.prune_method == "none":
-            return PruneConfig()
-        return PruneConfig(method=self.p.prune_method, keep_count=level.keep_count)
+            interval = spec.cache or self.policy.cache_config.interval
+            kw["cache"] = CacheConfig(interval=interval, enabled=spec.cache is not None)
+        elif spec.cache is not None:
+            raise ValueError(f"parameter accel={self.p.accel!r}: cache needs a CogACT policy")
+        return kw
 
     def sync_policy(self) -> None:
         """Apply a pending level change or reset; only while no step runs."""
@@ -96,7 +107,7 @@ class PolicyRuntime:
             level, reset = self.controller.current, self._reset
             self._reset = False
         if level != self._applied:
-            self.policy.configure(prune=self.prune_config(level), reset=reset)
+            self.policy.configure(**self.policy_settings(level), reset=reset)
             self._applied = level
         elif reset:
             self.policy.reset()

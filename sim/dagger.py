@@ -14,7 +14,7 @@ fails. Rollouts run `batch` envs in lockstep through one batched policy call.
 
 CLI::
 
-    python -m sim.dagger --policy checkpoints/embedded-openvla --out data/dagger1 \\
+    python -m sim.dagger --policy vla_prune/checkpoints/embedded-openvla --out data/dagger1 \\
         --episodes-per-task 100 --seed-start 3000000 --beta 0.5
 
 Train on the union with ``python -m sim.train --data data/demos,data/dagger1 ...``.

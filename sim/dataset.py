@@ -8,7 +8,7 @@ batches (with random-shift augmentation) to `sim.train`.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,10 +17,18 @@ import vla_prune
 from sim.demos import load_demos
 from vla_prune.preprocess import image_to_pixels
 
-if TYPE_CHECKING:
-    from sim.train import TrainConfig
-
 log = logging.getLogger(__name__)
+
+
+class BatchOptions(Protocol):
+    """What DemoBatches reads of a training config (sim.train.TrainConfig has these fields);
+    a protocol, so this module needs nothing from the trainer that imports it."""
+
+    batch_size: int
+    frame_stride: int
+    aux_weight: float
+    blind: bool
+    shift: int
 
 
 def action_stats(actions: np.ndarray) -> dict:
@@ -65,7 +73,7 @@ class DemoBatches:
     policy learns to find the target from seeing many scenes, not many frames of one."""
 
     def __init__(
-        self, data: str, policy: vla_prune.Policy, cfg: TrainConfig, stats: dict | None = None
+        self, data: str, policy: vla_prune.Policy, cfg: BatchOptions, stats: dict | None = None
     ):
         """stats: discretize with these statistics (a validation set uses the training set's)."""
         if cfg.frame_stride < 1:

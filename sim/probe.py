@@ -20,7 +20,7 @@ Actions: for every frame of the dataset's episodes (the expert's states), the di
 between the policy's most likely action token and the expert's, per action dimension. A family
 whose dx/dy errors are several times press's is one the policy cannot steer in.
 
-    python -m sim.probe --policy checkpoints/embedded-openvla --data data/heldout
+    python -m sim.probe --policy vla_prune/checkpoints/embedded-openvla --data data/heldout
 """
 
 from __future__ import annotations

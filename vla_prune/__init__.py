@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -20,12 +21,20 @@ __all__ = [
     "build_policy",
     "load_policy",
     "policy_from",
+    "shipped_checkpoint",
 ]
 __version__ = "0.1.0"
 
 
-# Trained checkpoints shipped with the repository (e.g. "embedded-openvla").
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+# Trained checkpoints shipped as package data (e.g. "embedded-openvla"): found through the
+# installed package, so they work from a wheel as well as from an editable checkout.
+CHECKPOINTS = Path(str(resources.files(__name__) / "checkpoints"))
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    """The folder of a checkpoint shipped with the package, or None if `name` is not one."""
+    folder = CHECKPOINTS / name
+    return folder if (folder / "config.json").is_file() else None
 
 
 def policy_from(
@@ -61,8 +70,8 @@ def build_policy(
     from .models.prismatic import OpenVLAModel
     from .models.tokenizer import build_word_tokenizer
 
-    shipped = CHECKPOINTS / name
-    if name not in PRESETS and (shipped / "config.json").is_file():
+    shipped = shipped_checkpoint(name)
+    if name not in PRESETS and shipped is not None:
         return load_policy(shipped, device=device or "cpu", dtype=dtype)
     cfg = get_preset(name)
     if device is None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PruneConfig
 from .policy import Policy
 from .profiling import machine_info
 from .reference import ReferencePipeline
@@ -57,40 +56,37 @@ def _fresh(policy: Policy) -> Policy:
 
 
 def make_configs(policy: Policy, labels: tuple[str, ...], images=()) -> list[BenchConfig]:
-    """Labels: reference | reference+attn | dense | parts joined by "+": <method>@<keep ratio>,
-    cache<N> (DiT feature caching, CogACT), skip<n> (the n least influential LLM layers,
-    calibrated on the bench images)."""
+    """Labels: reference | reference+attn | any spec of the run-spec grammar
+    (vla_prune.runspec), e.g. vla-pruner@0.25, fastv@64, cache5+vla-pruner@0.25+skip2;
+    skipN picks the N least influential LLM layers, calibrated on the bench images."""
+    from .runspec import bad_spec, parse_run_spec
+
     out = []
     for label in labels:
         if label in ("reference", "reference+attn"):  # +attn: output_attentions, as upstream
             ref = ReferencePipeline(_fresh(policy), "eager", label.endswith("+attn"))
             out.append(BenchConfig(label, ref, 2))
             continue
-        p, prune, kw = _fresh(policy), PruneConfig(), {}
-        for part in label.split("+"):
-            if part == "dense":
-                continue
-            if part.startswith("cache") and part[5:].isdigit():
-                from .caching import CacheConfig
+        spec = parse_run_spec(label)
+        if spec.blind or spec.ensemble:
+            raise bad_spec(label, "bench times the step itself: blind/ensemble do not apply")
+        p, kw = _fresh(policy), {}
+        if spec.cache is not None:
+            from .caching import CacheConfig
 
-                kw["cache"] = CacheConfig(interval=int(part[5:]), enabled=True)
-            elif part.startswith("skip") and part[4:].isdigit():
-                kw["skip_layers"] = int(part[4:])
-            elif "@" in part:
-                method, _, keep = part.partition("@")
-                prune = PruneConfig(method=method, keep_ratio=float(keep))
-            else:
-                raise ValueError(f"bad bench configuration part {part!r} in {label!r}")
-        if "skip_layers" in kw:
+            kw["cache"] = CacheConfig(interval=spec.cache, enabled=True)
+        if spec.skip_layers:
+            kw["skip_layers"] = list(spec.skip_layers)
+        elif spec.skip_count is not None:
             from .caching.layer_skip import choose_skips, record_influence
 
             steps = [(im, "put the green cylinder on the purple plate") for im in images]
-            _, sem, act = prune.resolve_layers(p.config.num_layers)
+            _, sem, act = spec.prune.resolve_layers(p.config.num_layers)
             kw["skip_layers"] = choose_skips(
-                record_influence(p, steps), kw["skip_layers"], protect=(sem, act)
+                record_influence(p, steps), spec.skip_count, protect=(sem, act)
             )
-        p.configure(prune=prune, **kw)
-        out.append(BenchConfig(label, p, 2 + prune.warmup_steps))
+        p.configure(prune=spec.prune, **kw)
+        out.append(BenchConfig(spec.label, p, 2 + spec.prune.warmup_steps))
     return out
 
 

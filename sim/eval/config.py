@@ -1,13 +1,14 @@
 """Eval configuration: which policy, which pruning configurations, which (task, seed) episodes.
 
 A configuration ("run") is a label + a PruneConfig (+ optionally its own policy). Runs come from
-short spec strings or YAML::
+spec strings in the one run-spec grammar of `vla_prune.runspec`, or YAML::
 
     dense                    no pruning (alias of method "none")
     vla-pruner@0.25          keep 25% of the visual tokens (a float is a keep ratio)
     fastv@64                 keep 64 visual tokens (an int is a keep count)
     vp25=vla-pruner@0.25     the same with an explicit label
     configs/pruning/x.yaml   a PruneConfig YAML; the label is the file's stem
+    c5=vla-pruner@0.25+cache5+skip[1]+ensemble   CogACT: DiT cache, skip layer 1, ensemble
 
 An eval YAML (configs/eval/embedded.yaml) holds the EvalConfig fields, with ``configs:`` a list
 of spec strings or mappings ``{label, prune: {...} | path, policy}``.
@@ -24,7 +25,6 @@ import yaml
 
 from vla_prune.config import PruneConfig, from_dict, load_yaml
 
-DENSE_ALIASES = ("dense", "none")
 # Fields whose change makes earlier episodes incomparable: resuming across them is refused.
 IDENTITY_FIELDS = (
     "suite",
@@ -155,41 +155,26 @@ def _check_method(prune: PruneConfig, spec: str) -> PruneConfig:
 
 
 def parse_run_spec(spec: str, policy: str | None = None) -> RunConfig:
-    """`[label=]method[@keep]` or `[label=]path.yaml` -> RunConfig (ValueError if malformed)."""
-    text = spec.strip()
-    label, sep, body = text.partition("=")
-    if not sep:
-        label, body = "", text
-    label, body = label.strip(), body.strip()
-    if not body or (sep and not label):
-        raise ValueError(f"bad configuration {spec!r}: expected [label=]method[@keep]")
-    if body.endswith((".yaml", ".yml")):
-        prune = load_yaml(PruneConfig, body)
-        return RunConfig(label or Path(body).stem, policy, _check_method(prune, spec))
-    method, at, keep = body.partition("@")
-    method = method.strip()
-    if method in DENSE_ALIASES:
-        if at:
-            raise ValueError(f"bad configuration {spec!r}: {method} takes no @keep value")
-        return RunConfig(label or "dense", policy, PruneConfig())
-    if not at or not keep.strip():
-        raise ValueError(
-            f"bad configuration {spec!r}: {method} needs a keep value, e.g. {method}@0.25 "
-            f"(ratio) or {method}@64 (tokens)"
+    """A spec in the one run-spec grammar (vla_prune.runspec) -> RunConfig."""
+    from vla_prune.runspec import bad_spec
+    from vla_prune.runspec import parse_run_spec as parse
+
+    s = parse(spec)
+    if s.skip_count is not None:  # eval runs exactly the layers it is told: reproducible
+        raise bad_spec(
+            spec,
+            f"eval needs the layers themselves: skip[i,j] (from `vla-prune calibrate`), "
+            f"not skip{s.skip_count}",
         )
-    keep = keep.strip()
-    try:
-        budget: dict[str, Any] = {"keep_count": int(keep)}
-    except ValueError:
-        try:
-            budget = {"keep_ratio": float(keep)}
-        except ValueError:
-            raise ValueError(f"bad configuration {spec!r}: keep {keep!r} is not a number") from None
-    try:
-        prune = PruneConfig(method=method, **budget)
-    except ValueError as e:
-        raise ValueError(f"bad configuration {spec!r}: {e}") from None
-    return RunConfig(label or body, policy, _check_method(prune, spec))
+    return RunConfig(
+        s.label,
+        policy,
+        s.prune,
+        blind=s.blind,
+        cache=s.cache,
+        skip_layers=s.skip_layers,
+        ensemble=s.ensemble,
+    )
 
 
 def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
@@ -238,7 +223,9 @@ def parse_runs(text: str) -> tuple[RunConfig, ...]:
         if isinstance(data, dict) and "method" in data:  # a single PruneConfig file
             return (parse_run_spec(text),)
         raise ValueError(f"{path}: expected a list of configurations or a `configs:` key")
-    specs = split_list(text)
+    from vla_prune.runspec import split_specs
+
+    specs = split_specs(text)
     if not specs:
         raise ValueError("--configs is empty: give e.g. dense,vla-pruner@0.25")
     return tuple(parse_run_spec(s) for s in specs)

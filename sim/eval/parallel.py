@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 WORKERS_DIR = "workers"
 
 
-def _worker(cfg: EvalConfig) -> None:
+def _worker(cfg: EvalConfig, video_root: str) -> None:
     from sim.eval.runner import run_eval
 
     logging.basicConfig(level=logging.WARNING)
-    run_eval(cfg, progress=False)
+    run_eval(cfg, progress=False, video_root=Path(video_root))  # GIFs in the parent's OUT/videos
 
 
 def _count_lines(path: Path) -> int:
@@ -72,7 +72,7 @@ def run_eval_parallel(cfg: EvalConfig, workers: int, progress: bool = True) -> d
     log.info("%s: %d workers, %d episodes to run", out, len(parts), total - start)
     ctx = mp.get_context("spawn")  # a clean interpreter: no forked GL contexts or torch pools
     procs = [
-        ctx.Process(target=_worker, args=(p,), name=f"eval-worker-{i}", daemon=True)
+        ctx.Process(target=_worker, args=(p, str(out)), name=f"eval-worker-{i}", daemon=True)
         for i, p in enumerate(parts)
     ]
     for p in procs:

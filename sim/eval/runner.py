@@ -70,10 +70,10 @@ def load_eval_policy(
 
 def check_policy_name(name: str) -> str:
     """ "checkpoint" or "preset"; ValueError (cheap, before any loading) if it is neither."""
-    from vla_prune import CHECKPOINTS
+    from vla_prune import shipped_checkpoint
     from vla_prune.models.presets import PRESETS
 
-    if Path(name).is_dir() or (CHECKPOINTS / name / "config.json").is_file():
+    if Path(name).is_dir() or shipped_checkpoint(name) is not None:
         return "checkpoint"
     if name in PRESETS:
         return "preset"
@@ -250,11 +250,14 @@ def run_eval(
     cfg: EvalConfig,
     progress: bool = True,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
+    video_root: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the evaluation; writes OUT/episodes.jsonl and OUT/summary.*.
 
     `on_episode(record)` is called after each record is on disk (hooks, tests). Returns the
-    summary (sim.eval.stats.summarize_episodes) of every episode in OUT.
+    summary (sim.eval.stats.summarize_episodes) of every episode in OUT. Videos go to
+    `video_root`/videos (default OUT; a parallel worker passes its parent's OUT) and records
+    name them relative to that root.
     """
     import torch
 
@@ -313,9 +316,10 @@ def run_eval(
                 frames = ep.pop("frames")
                 video = None
                 if frames:
-                    path = out / "videos" / _safe(run.label) / f"{task}_{seed}"
+                    root = Path(video_root) if video_root is not None else out
+                    path = root / "videos" / _safe(run.label) / f"{task}_{seed}"
                     fps = getattr(getattr(env, "config", None), "control_hz", 10.0)
-                    video = str(save_video(frames, path, fps).relative_to(out))
+                    video = str(save_video(frames, path, fps).relative_to(root))
                 record = {
                     "label": run.label,
                     "suite": cfg.suite,

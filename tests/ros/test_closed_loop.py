@@ -45,7 +45,7 @@ def in_process(checkpoint) -> tuple[dict, list[np.ndarray]]:
     env = make_env("embedded", TASK)
     try:
         policy = vla_prune.policy_from(str(checkpoint))
-        # What the node runs at level 0 with keep_ratio 0.5: VLA-Pruner keeping 128 tokens.
+        # What the node runs at level 0 with accel vla-pruner@0.5: VLA-Pruner keeping 128.
         policy.configure(prune=vla_prune.PruneConfig(method="vla-pruner", keep_count=128))
         rec = Recording(policy)
         ep = run_episode(env, rec, SEED, env.max_episode_steps)
@@ -61,8 +61,7 @@ def test_lockstep_episode_matches_in_process(ros_env, tiny_checkpoint, tmp_path)
         tmp_path / "params.yaml",
         policy=dict(
             policy=str(tiny_checkpoint),
-            prune_method="vla-pruner",
-            keep_ratio=0.5,
+            accel="vla-pruner@0.5",
             budget_ms=0.0,  # no deadline: every step is the policy's own action
             trigger="image",  # a step per new image (the timer path runs in the other tests)
             max_image_age_ms=60_000.0,

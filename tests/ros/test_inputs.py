@@ -138,8 +138,10 @@ def test_parameters():
         coerce(PolicyNodeParams, "budget", 1.0)
     bad = [
         ("budget_ms", -1.0),
-        ("keep_ratio", 0.0),
-        ("keep_ratio", 1.5),
+        ("accel", "vla-pruner@0"),
+        ("accel", "vla-pruner@1.5"),
+        ("accel", "vla-pruner"),
+        ("accel", "vla-pruner@0.5+skip2"),
         ("safe_action", "brake"),
         ("control_rate_hz", 0.0),
         ("max_image_age_ms", 0.0),
@@ -151,8 +153,9 @@ def test_parameters():
     for name, value in bad:
         assert name in (check_policy_param(name, value) or ""), (name, value)
     assert check_policy_param("twist_topic", "") is None
-    errors = check_policy_params(PolicyNodeParams(prune_method="nope"))
-    assert errors and "nope" in errors[0]
+    errors = check_policy_params(PolicyNodeParams(accel="nope@0.5"))
+    assert errors and "unknown pruning method 'nope'" in errors[0]
+    assert check_policy_param("accel", "vla-pruner@0.5+cache5+skip[1,2]") is None
     errors = check_policy_params(PolicyNodeParams(budget_relax=0.9, budget_target=0.8))
     assert errors and "budget_relax" in errors[0]
     assert check_bridge_param("rate_hz", 0.0)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.ros
 CASES = {
     "type": (["budget_ms:=fast"], 2, "parameter budget_ms='fast': expected float, got str"),
     "value": (
-        ["budget_ms:=-1.0", "prune_method:=nope"],
+        ["budget_ms:=-1.0", "accel:=nope@0.5"],
         1,
         "parameter budget_ms=-1.0: must be a finite number >= 0",
     ),

@@ -22,7 +22,7 @@ from sim.eval import (  # noqa: E402
 )
 from sim.eval.records import EPISODES_FILE, episode_key  # noqa: E402
 from vla_prune import PruneConfig  # noqa: E402
-from vla_prune.cli import build_parser, main  # noqa: E402
+from vla_prune_cli.main import build_parser, main  # noqa: E402
 
 pytestmark = pytest.mark.sim
 
@@ -124,6 +124,13 @@ def test_parse_runs_specs():
 def test_parse_runs_rejects_bad_specs(spec, match):
     with pytest.raises(ValueError, match=match):
         EvalConfig(runs=parse_runs(spec))
+
+
+def test_eval_help_names_the_suites(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "embedded | libero | simpler" in text
 
 
 def test_cli_configs_error_is_clear(capsys):
@@ -318,10 +325,15 @@ def test_parallel_workers_match_one_process_and_resume(reference, tmp_path):
     ref_out, _ = reference
     ref = read_episodes(ref_out / EPISODES_FILE)
     out = tmp_path / "par"
-    run_eval_parallel(small_config(out, workers=2), workers=2, progress=False)
+    run_eval_parallel(small_config(out, workers=2, video=True), workers=2, progress=False)
     got = read_episodes(out / EPISODES_FILE)
     assert [episode_key(r) for r in got] == [episode_key(r) for r in ref]
     assert core(got) == core(ref)
+    # --video with workers: the GIFs land in OUT/videos, as with one process, and records
+    # name them relative to OUT (they once landed in OUT/workers/N/videos).
+    assert [r["video"] for r in got] == [r["video"] for r in ref]
+    assert all((out / r["video"]).is_file() for r in got)
+    assert not list((out / "workers").rglob("*.gif"))
 
     half = tmp_path / "half"
     run_eval(small_config(half, runs=parse_runs("dense")), progress=False)

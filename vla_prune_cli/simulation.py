@@ -24,7 +24,7 @@ def parse_eval_runs(text: str):
 def _eval_config_path(path: str | None) -> Path:
     if path is not None:
         return Path(path)
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):  # cwd, then the repo
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):  # cwd, then the checkout
         if (root / DEFAULT_EVAL_CONFIG).is_file():
             return root / DEFAULT_EVAL_CONFIG
     raise ValueError(f"no {DEFAULT_EVAL_CONFIG} here; pass --eval-config FILE")

@@ -18,15 +18,27 @@ def load_policy_arg(name: str, device: str, dtype: str, seed: int):
     return vla_prune.policy_from(name, device=device, dtype=DTYPES[dtype], seed=seed)
 
 
-def prune_config_from(args):
-    from vla_prune import PruneConfig
-    from vla_prune.config import load_yaml
+def run_spec_from(args):
+    """The run spec of --run, else of --pruner/--keep (the same grammar: --keep 64 is a count)."""
+    from vla_prune.config import PruneConfig, load_yaml
+    from vla_prune.runspec import RunSpec, parse_run_spec
 
-    if args.prune_config:
-        return load_yaml(PruneConfig, args.prune_config)
-    if args.pruner == "none":
-        return PruneConfig()
-    return PruneConfig(method=args.pruner, keep_ratio=args.keep, layer=args.layer)
+    if getattr(args, "prune_config", None):
+        return RunSpec(label="prune-config", prune=load_yaml(PruneConfig, args.prune_config))
+    if getattr(args, "run", None):
+        return parse_run_spec(args.run)
+    if args.pruner in ("none", "dense"):
+        return parse_run_spec("dense")
+    return parse_run_spec(f"{args.pruner}@{args.keep}")
+
+
+def prune_config_from(args):
+    spec = run_spec_from(args)
+    if args.layer is not None:
+        import dataclasses
+
+        return dataclasses.replace(spec.prune, layer=args.layer)
+    return spec.prune
 
 
 def write_json(path: str, data: dict) -> None:

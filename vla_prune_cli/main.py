@@ -1,4 +1,4 @@
-"""`vla-prune` command line: the parser; the commands live in vla_prune/commands/."""
+"""`vla-prune` command line: the parser; each command lives in a module beside this one."""
 
 from __future__ import annotations
 
@@ -6,10 +6,19 @@ import argparse
 import logging
 import sys
 
-from .commands.common import DTYPES
-from .commands.latency import cmd_bench, cmd_calibrate, cmd_info, cmd_profile
-from .commands.ros import cmd_ros_node
-from .commands.simulation import cmd_eval, cmd_viz, parse_eval_runs
+from .common import DTYPES
+from .latency import cmd_bench, cmd_calibrate, cmd_info, cmd_profile
+from .ros import cmd_ros_node
+from .simulation import cmd_eval, cmd_viz, parse_eval_runs
+
+
+def _suites() -> str:
+    """The registered env suites, for --help (the registry imports no simulator)."""
+    try:
+        from sim.envs import list_suites
+    except ImportError as e:  # the sim extra is missing
+        return f"? (pip install -e '.[sim]' to list them: {e})"
+    return " | ".join(list_suites())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--policy", default="tiny-openvla", help="preset name or checkpoint dir")
         sp.add_argument("--pruner", default="none", help="pruning method (see configs/pruning)")
-        sp.add_argument("--keep", type=float, default=0.25, help="kept visual-token ratio")
+        sp.add_argument(
+            "--keep", default="0.25", help="kept visual tokens: a ratio (0.25), a count (64), 25%%"
+        )
+        sp.add_argument(
+            "--run",
+            default=None,
+            help="a run spec instead of --pruner/--keep, e.g. vla-pruner@0.25+cache5+skip[2] "
+            "(grammar: vla_prune/runspec.py)",
+        )
         sp.add_argument("--layer", type=int, default=None, help="pruning layer K (default: scaled)")
         sp.add_argument(
             "--prune-config", default=None, help="YAML PruneConfig (overrides --pruner)"
@@ -51,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--configs",
         default=None,
-        help="comma list, e.g. reference,dense,vla-pruner@0.25 (default: all)",
+        help="comma list of reference, reference+attn and run specs, e.g. "
+        "reference,dense,vla-pruner@0.25,fastv@64,cache5+vla-pruner@0.25+skip2 (default: all)",
     )
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--device", default="cpu")
@@ -72,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     viz = sub.add_parser("viz", help="PNGs of the kept tokens over the camera, one per step")
     common(viz)
-    viz.add_argument("--suite", default="embedded")
+    viz.add_argument("--suite", default="embedded", help=f"env suite: {_suites()}")
     viz.add_argument("--task", default="press")
     viz.add_argument("--steps", type=int, default=40)
     viz.add_argument("--unnorm-key", default=None)
@@ -88,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Flags override the eval YAML (default configs/eval/embedded.yaml).",
     )
     ev.add_argument("--eval-config", default=None, help="eval YAML (EvalConfig fields)")
-    ev.add_argument("--suite", default=None, help="env suite, e.g. embedded")
+    ev.add_argument("--suite", default=None, help=f"env suite: {_suites()} (default: embedded)")
     ev.add_argument("--tasks", default=None, help="comma-separated task names, or 'all'")
     ev.add_argument("--episodes", type=int, default=None, help="episodes per task and config")
     ev.add_argument("--seed", type=int, default=None, help="episode i uses env seed SEED + i")
@@ -98,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--configs",
         type=parse_eval_runs,
         default=None,
-        help="comma-separated [label=]method[@keep] (dense, vla-pruner@0.25, fastv@64, "
-        "x=path.yaml) or a YAML file with a list / `configs:`",
+        help="comma-separated run specs [label=]method@keep[+cacheN][+skip[i,j]][+ensemble] "
+        "(dense, vla-pruner@0.25, fastv@64, x=path.yaml) or a YAML file with a list / `configs:`",
     )
     ev.add_argument("--out", default=None, help="output dir (resumes if it holds episodes)")
     ev.add_argument("--max-steps", type=int, default=None, help="env steps per episode")

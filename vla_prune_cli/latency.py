@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import DTYPES, load_policy_arg, prune_config_from, require_sim, write_json
+from .common import (
+    DTYPES,
+    load_policy_arg,
+    prune_config_from,
+    require_sim,
+    run_spec_from,
+    write_json,
+)
 
 
 def cmd_info(args) -> int:
@@ -57,7 +64,14 @@ def cmd_profile(args) -> int:
     policy = load_policy_arg(args.policy, args.device, args.dtype, args.seed)
     prune = prune_config_from(args)
     skips = _skip_layers(args)
-    policy.configure(prune=prune, skip_layers=skips)
+    kw = {}
+    if (cache := run_spec_from(args).cache) is not None:
+        if not hasattr(policy, "cache_config"):
+            raise ValueError(f"cache{cache} needs a CogACT policy (a DiT head): {args.policy}")
+        from vla_prune.caching import CacheConfig
+
+        kw["cache"] = CacheConfig(interval=cache, enabled=True)
+    policy.configure(prune=prune, skip_layers=skips, **kw)
     rng = np.random.default_rng(args.seed)
     size = policy.config.image_size
     cuda = torch.device(args.device).type == "cuda"
@@ -161,6 +175,14 @@ def _print_layers(cfg, flops, n_text: int, kept: int | None, k_layer: int) -> No
 
 
 def _skip_layers(args) -> list[int] | None:
+    spec = run_spec_from(args)
+    if spec.skip_count is not None:
+        raise ValueError(
+            f"profile runs the layers it is told: skip[i,j] or --skip-file from "
+            f"`vla-prune calibrate --skip {spec.skip_count}`, not skip{spec.skip_count}"
+        )
+    if spec.skip_layers:
+        return list(spec.skip_layers)
     if args.skip_file:
         from vla_prune.caching.layer_skip import load_skip_list
 
@@ -237,12 +259,13 @@ def cmd_bench(args) -> int:
         run_bench,
         write_results,
     )
+    from vla_prune.runspec import split_specs
 
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = load_policy_arg(args.policy, args.device, args.dtype, args.seed)
     default = COGACT_CONFIGS if policy.prefill_output == "hidden" else DEFAULT_CONFIGS
-    labels = tuple(args.configs.split(",")) if args.configs else default
+    labels = tuple(split_specs(args.configs)) if args.configs else default
     rows = run_bench(policy, labels, steps=args.steps, seed=args.seed)
     command = "vla-prune " + " ".join(sys.argv[1:])
     print(format_markdown(rows, f"{args.policy} ({args.device}, {args.dtype})"))

@@ -1,1 +1,0 @@
-"""The `vla-prune` subcommands (cli.py builds the parser and dispatches to them)."""

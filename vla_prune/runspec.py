@@ -1,0 +1,156 @@
+"""One grammar for naming an acceleration configuration: `vla-prune eval --configs`,
+`vla-prune bench --configs`, `vla-prune profile --run` and the ROS node's `accel` parameter all
+parse their strings here, so one string means the same thing everywhere.
+
+    spec  := [label "="] part ("+" part)*
+    part  := "dense" | "none"               no pruning
+           | method "@" keep                e.g. vla-pruner@0.25, fastv@64, divprune@25%
+           | path.yaml                      a PruneConfig YAML (the label defaults to its stem)
+           | "cache" N                      CogACT: DiT feature caching, recompute every N steps
+           | "skip" N                       skip the N least influential LLM layers (calibrated)
+           | "skip[" i ("," i)* "]"         skip exactly these LLM layers
+           | "ensemble"                     CogACT: adaptive action ensemble
+           | "blind"                        honesty control: the policy sees a gray frame
+    keep  := an int (a token count) | a float in (0, 1] (a ratio) | a percentage ("25%")
+
+A list of specs is comma-separated (`split_specs`); commas inside `skip[...]` do not split.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import PruneConfig, load_yaml
+
+GRAMMAR = "[label=]method@keep[+cacheN][+skipN|+skip[i,j]][+ensemble][+blind]"
+DENSE_ALIASES = ("dense", "none")
+_SKIP_LIST = re.compile(r"skip\[([\d,\s]*)\]")
+_COUNTED = re.compile(r"(cache|skip)(\d+)")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A parsed spec: what to configure on a policy (and what the label calls it)."""
+
+    label: str
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    cache: int | None = None  # DiT feature cache interval; None = no cache
+    skip_layers: tuple[int, ...] = ()  # explicit LLM layers to skip
+    skip_count: int | None = None  # or: this many, chosen by block-influence calibration
+    ensemble: bool = False
+    blind: bool = False
+
+
+def bad_spec(spec: str, reason: str) -> ValueError:
+    """The one error style of the grammar (every consumer raises these)."""
+    return ValueError(f"bad configuration {spec!r}: {reason}")
+
+
+def parse_keep(keep: str, spec: str = "") -> dict[str, Any]:
+    """`64` -> keep_count, `0.25` -> keep_ratio, `25%` -> keep_ratio 0.25."""
+    text = keep.strip()
+    try:
+        if text.endswith("%"):
+            return {"keep_ratio": float(text[:-1]) / 100.0}
+        if re.fullmatch(r"[+-]?\d+", text):
+            return {"keep_count": int(text)}
+        return {"keep_ratio": float(text)}
+    except ValueError:
+        raise bad_spec(spec or keep, f"keep {text!r} is not a number") from None
+
+
+def _check_method(prune: PruneConfig, spec: str) -> PruneConfig:
+    from .pruning.base import make_pruner
+
+    try:
+        make_pruner(prune)
+    except ValueError as e:  # names the available methods
+        raise bad_spec(spec, str(e)) from None
+    return prune
+
+
+def _prune_part(part: str, spec: str) -> PruneConfig:
+    if part.endswith((".yaml", ".yml")):
+        return _check_method(load_yaml(PruneConfig, part), spec)
+    method, at, keep = part.partition("@")
+    method = method.strip()
+    if not at or not keep.strip():
+        raise bad_spec(
+            spec,
+            f"{method} needs a keep value, e.g. {method}@0.25 (ratio) or {method}@64 (tokens)",
+        )
+    try:
+        prune = PruneConfig(method=method, **parse_keep(keep, spec))
+    except ValueError as e:
+        raise bad_spec(spec, str(e)) from None
+    return _check_method(prune, spec)
+
+
+def parse_run_spec(spec: str) -> RunSpec:
+    """One spec string -> RunSpec; ValueError naming the spec and what is wrong."""
+    text = spec.strip()
+    label, sep, body = text.partition("=")
+    if not sep:
+        label, body = "", text
+    label, body = label.strip(), body.strip()
+    if not body or (sep and not label):
+        raise bad_spec(spec, f"expected {GRAMMAR}")
+    fields: dict[str, Any] = {}
+    seen: set[str] = set()
+    for raw in body.split("+"):
+        part = raw.strip()
+        if not part:
+            raise bad_spec(spec, f"empty part between '+'; expected {GRAMMAR}")
+        if part.split("@")[0].strip() in DENSE_ALIASES:
+            if "@" in part:
+                raise bad_spec(spec, f"{part.split('@')[0]} takes no @keep value")
+            key, value = "prune", PruneConfig()
+        elif m := _SKIP_LIST.fullmatch(part):
+            layers = [x for x in m.group(1).replace(" ", "").split(",") if x]
+            if not layers:
+                raise bad_spec(spec, "skip[...] names no layer")
+            key, value = "skip_layers", tuple(sorted({int(x) for x in layers}))
+        elif m := _COUNTED.fullmatch(part):
+            n = int(m.group(2))
+            if n < 1:
+                raise bad_spec(spec, f"{m.group(1)} needs N >= 1, got {n}")
+            key, value = ("cache", n) if m.group(1) == "cache" else ("skip_count", n)
+        elif part in ("ensemble", "blind"):
+            key, value = part, True
+        else:
+            key, value = "prune", _prune_part(part, spec)
+        slot = "skip" if key.startswith("skip") else key  # skipN and skip[..] exclude each other
+        if slot in seen:
+            raise bad_spec(spec, f"{part!r} repeats a part already given")
+        seen.add(slot)
+        fields[key] = value
+    prune = fields.pop("prune", PruneConfig())
+    if not label:
+        only_yaml = body.endswith((".yaml", ".yml")) and "+" not in body
+        label = Path(body).stem if only_yaml else ("dense" if body in DENSE_ALIASES else body)
+    return RunSpec(label=label, prune=prune, **fields)
+
+
+def split_specs(text: str) -> list[str]:
+    """Comma-separated specs; a comma inside skip[...] belongs to its spec."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return [s.strip() for s in out if s.strip()]
+
+
+def parse_run_specs(text: str) -> list[RunSpec]:
+    """A comma-separated list of specs (ValueError if empty or any is malformed)."""
+    specs = split_specs(text)
+    if not specs:
+        raise ValueError("no configuration given: expected e.g. dense,vla-pruner@0.25")
+    return [parse_run_spec(s) for s in specs]
