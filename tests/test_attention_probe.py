@@ -3,10 +3,33 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from tests.conftest import random_image, tiny_policy
+from vla_prune.engine.attention_probe import attention_from_queries, query_rows, to_visual
+from vla_prune.engine.rope import apply_rope
+
+EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7, one ulp at 1.0
+# Probe vs eager softmax. The logits s = q.k/sqrt(d) of these prompts stay below 32 (max |s| over
+# all rows and layers: 31.9). Two correct fp32 implementations (q_proj over R rows vs all T,
+# differently blocked dot products) round them ~4 ulp apart, |ds| <= 4*32*eps, and softmax turns
+# an absolute logit error ds into a relative probability error <= 2|ds|: rtol = 2*4*32*eps =
+# 3.05e-5 (worst seen: 1.15e-5). atol = float32's smallest normal: only underflowed (subnormal)
+# probabilities lose relative precision. The exactness and the wrong-variant tests both use it.
+PROB_TOL = {"rtol": 2 * 4 * 32 * EPS32, "atol": torch.finfo(torch.float32).tiny}
+
+
+def assert_probs_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, **PROB_TOL)
+
+
+def gross_excess(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| over the loosest allowance PROB_TOL gives any entry (that of the largest
+    probability): < 1 is within round-off, > 100 is a real difference."""
+    allowance = PROB_TOL["atol"] + PROB_TOL["rtol"] * want.abs().max().item()
+    return (got - want).abs().max().item() / allowance
 
 
 def eager_attentions(lm, embeds):
@@ -50,12 +73,12 @@ def test_prefill_probe_matches_eager():
     rows = torch.tensor([[t - 1, t - 5, 0, 100, 257]])  # last token, a text row, BOS, visual rows
     # layer 0: against the whole eager model (identical inputs)
     want0 = eager_attentions(lm, embeds)[0][:, :, rows[0], 1:257]
-    assert (ctx.attention(0, rows) - want0).abs().max().item() < 1e-6
+    assert_probs_close(ctx.attention(0, rows), want0)
     # every layer: against eager attention on the same layer input our engine saw
     for layer in range(4):
         got = ctx.attention(layer, rows)  # [1, H, R, 256]
         want = eager_layer_weights(lm, layer, ctx.hidden_in[layer])[:, :, rows[0], 1:257]
-        assert (got - want).abs().max().item() < 1e-6
+        assert_probs_close(got, want)
 
 
 def test_decode_probe_matches_eager():
@@ -79,11 +102,11 @@ def test_decode_probe_matches_eager():
         handle.remove()
     full = torch.cat([embeds, lm.model.embed_tokens(tok[:, None])], dim=1)
     want0 = eager_attentions(lm, full)[0][:, :, -1, 1:257]
-    assert (probe0 - want0).abs().max().item() < 1e-6
+    assert_probs_close(probe0, want0)
     # seen: the prefill rows, the decoded token, then the probe's own recompute of that token
     layer_in = torch.cat(seen, dim=1)[:, : full.shape[1]]
     want2 = eager_layer_weights(lm, 2, layer_in)[:, :, -1, 1:257]
-    assert (probe2 - want2).abs().max().item() < 1e-6
+    assert_probs_close(probe2, want2)
 
 
 def test_probe_after_pruning_zeroes_dropped_tokens():
@@ -137,4 +160,52 @@ def test_prefill_probe_after_the_pruning_point():
         _, w = attn(x, position_embeddings=lm.model.rotary_emb(x, pos), attention_mask=causal)
     want = torch.zeros_like(got)
     want[:, kept] = w[0, :, -1, 1 : 1 + 64]
-    assert (got - want).abs().max().item() < 1e-6
+    assert_probs_close(got, want)
+
+
+# -- the tolerance still catches real bugs --------------------------------------------------------
+
+
+@torch.inference_mode()
+def _probe_variant(ctx, layer, rows, q_shift=0, k_shift=0, head_shift=0):
+    """The prefill probe of `rows` at `layer`, rebuilt from its parts, optionally wrong: RoPE of
+    the query (or of every cached key) at position + shift, or head h reading head h + shift."""
+    engine = ctx.engine
+    lm = engine.lm
+    hidden = ctx.hidden_in[layer]
+    h = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
+    pos = ctx.positions_in[layer].gather(1, rows)
+    q = query_rows(lm.model.layers[layer], lm.model.rotary_emb, h, pos + q_shift, engine.num_heads)
+    cache = copy.copy(engine.cache)
+    if k_shift:  # RoPE is a rotation by position: R(p + s) k = R(s) R(p) k
+        k = cache.k[layer]
+        cos, sin = lm.model.rotary_emb(k, torch.full((1, k.shape[2]), k_shift))
+        cache.k = list(cache.k)
+        cache.k[layer] = apply_rope(k, cos, sin)
+    attn = attention_from_queries(q, cache, layer, pos)  # causal mask by the true positions
+    return to_visual(attn, cache, layer, engine.num_visual).roll(-head_shift, dims=1)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [{"q_shift": 1}, {"q_shift": -1}, {"k_shift": 1}, {"head_shift": 1}, {"head_shift": 2}],
+    ids=["query-pos+1", "query-pos-1", "key-pos+1", "head+1", "head+2"],
+)
+def test_off_by_one_position_or_wrong_head_fails_the_tolerance(wrong):
+    policy = tiny_policy(3)
+    embeds = _embeds(policy, random_image(3), "pick up the red block")
+    t = embeds.shape[1]
+    engine = policy.engine
+    engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, record_layers=(0, 2))
+    ctx = engine.last_context
+    lm = policy.model.language_model
+    rows = torch.tensor([[t - 1, t - 5, 100, 257]])  # last token, a text row, visual rows
+    for layer in (0, 2):
+        want = eager_layer_weights(lm, layer, ctx.hidden_in[layer])[:, :, rows[0], 1:257]
+        right = _probe_variant(ctx, layer, rows)  # control: the same rebuild, unshifted, passes
+        assert_probs_close(right, want)
+        assert gross_excess(right, want) < 1
+        bad = _probe_variant(ctx, layer, rows, **wrong)
+        with pytest.raises(AssertionError, match="not close"):
+            assert_probs_close(bad, want)
+        assert gross_excess(bad, want) > 100  # far outside round-off, not at its edge

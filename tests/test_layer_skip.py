@@ -23,7 +23,10 @@ def test_empty_skip_list_is_exact_and_a_skip_changes_the_output():
     assert not (policy.step(image, instruction).action_tokens == dense.action_tokens).all()
 
 
-@pytest.mark.parametrize("skip,k_layer", [((2,), 1), ((1, 3), 2), ((3,), 1)])
+@pytest.mark.parametrize(
+    "skip,k_layer",
+    [((2,), 1), ((1, 3), 2), ((3,), 1), ((1, 2, 3), 1)],  # last: no layer from K on runs
+)
 def test_skipping_with_pruning_equals_the_reference(skip, k_layer):
     policy = tiny_policy(21)
     kept = np.sort(np.random.default_rng(1).choice(256, 48, replace=False))
@@ -35,6 +38,25 @@ def test_skipping_with_pruning_equals_the_reference(skip, k_layer):
     assert (result.action_tokens == ref_tokens).all()
     for i in skip:  # skipped layers never touch their cache
         assert policy.engine.cache.length[i] == 0
+
+
+def test_skipping_every_layer_of_a_cache_group_runs():
+    """Regression: decode() raised a bare StopIteration when skip_layers emptied a cache group
+    (fastv prunes at K=1 on 4 layers; skipping 1-3 leaves the pruned group with no layer).
+    Nothing runs on the kept rows, so the output must equal the unpruned run with those skips."""
+    policy = tiny_policy(23)
+    image, instruction = random_image(23), "pick up the red block"
+    policy.configure(prune=PruneConfig(method="fastv", keep_ratio=0.25), skip_layers=[1, 2, 3])
+    pruned = policy.step(image, instruction)
+    assert pruned.kept_visual_tokens == 64
+    policy.configure(prune=PruneConfig(), skip_layers=[1, 2, 3])
+    dense = policy.step(image, instruction)
+    assert (pruned.action_tokens == dense.action_tokens).all()
+    np.testing.assert_array_equal(pruned.normalized_actions, dense.normalized_actions)
+    # the only group emptied: every layer skipped (embeddings -> final norm -> lm_head)
+    policy.configure(skip_layers=[0, 1, 2, 3])
+    assert policy.step(image, instruction).actions.shape == (1, 7)
+    assert policy.engine.cache.length == [0, 0, 0, 0]
 
 
 def test_skips_that_break_a_pruning_method_are_refused():

@@ -36,6 +36,7 @@ class KVCache:
         self.vis = [
             torch.full((batch, max_len), -1, dtype=torch.long, device=device) for _ in range(2)
         ]
+        self.rows_len = [0, 0]  # rows described per group (independent of which layers run)
         self.has_padding = False
         self._visual_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -54,11 +55,20 @@ class KVCache:
         self.pos[group][:, :n] = pos
         self.valid[group][:, :n] = valid
         self.vis[group][:, :n] = vis
+        self.rows_len[group] = n
 
-    def append_row(self, group: int, at: int, pos: torch.Tensor):
+    def append_row(self, group: int, pos: torch.Tensor) -> int:
+        """Describe one more (text) row of `group` with position ids pos [B]; returns its index.
+
+        The group keeps its own row count, so this works even when every layer of the group
+        is skipped (then no layer holds keys for these rows and nothing reads them).
+        """
+        at = self.rows_len[group]
         self.pos[group][:, at] = pos
         self.valid[group][:, at] = True
         self.vis[group][:, at] = -1
+        self.rows_len[group] = at + 1
+        return at
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]

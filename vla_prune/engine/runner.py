@@ -178,6 +178,7 @@ class LlamaEngine:
         self._ensure_cache(b, t + max_new_tokens, embeds)
         cache = self.cache
         cache.has_padding = bool(pad.any())
+        cache.length = [0] * len(self.layers)  # skipped layers hold nothing (no stale keys)
         cache.set_rows(0, pos, valid, vis)
         cache.group = [0] * len(self.layers)
         ctx = PrefillContext(self, embeds, pos, pad, self.num_visual)
@@ -234,11 +235,11 @@ class LlamaEngine:
         cache = self.cache
         pos = self.next_pos[:, None]
         h = self.lm.model.embed_tokens(token_ids[:, None])
-        for g in set(cache.group):  # each row-metadata group gets the new row once
-            first = next(
-                i for i, x in enumerate(cache.group) if x == g and i not in self.skip_layers
-            )
-            cache.append_row(g, cache.length[first], pos[:, 0])
+        # Each row-metadata group gets the new row once. A group may have no layer that runs
+        # (skip_layers covering every layer from the pruning point on, or all layers): its rows
+        # are then read by nobody, and the residual stream just passes those layers.
+        for g in set(cache.group):
+            cache.append_row(g, pos[:, 0])
         cos, sin = self._rotary(h, pos)
         probe = None
         for i in range(len(self.layers)):
