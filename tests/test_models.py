@@ -39,7 +39,7 @@ def test_timm_parameter_names():
         "vision_backbone.featurizer.cls_token",
         "vision_backbone.featurizer.reg_token",
         "vision_backbone.featurizer.pos_embed",
-        "vision_backbone.featurizer.blocks.23.ls1.gamma",
+        "vision_backbone.featurizer.blocks.23.ls1.scale_factor",
         "vision_backbone.featurizer.blocks.0.attn.qkv.weight",
         "vision_backbone.featurizer.blocks.0.mlp.fc2.bias",
         "vision_backbone.featurizer.norm.weight",
@@ -66,7 +66,7 @@ def test_vit_uses_second_to_last_block():
         vit.blocks[2].mlp.fc2.weight.add_(1.0)  # last block: never run
         vit.norm.weight.add_(1.0)  # final norm: not applied
         assert torch.equal(vit(x), out)
-        vit.blocks[1].ls2.gamma.add_(1.0)  # second-to-last block: its output is what we return
+        vit.blocks[1].ls2.scale_factor.add_(1.0)  # second-to-last block: its output is what we return
         assert not torch.allclose(vit(x), out)
 
 

@@ -107,7 +107,11 @@ def load_policy(
     from .models.checkpoints import load_openvla
     from .models.cogact_checkpoints import is_cogact_dir, load_cogact
 
+    # The loaders return the parts; the Policy classes are built here (models/ imports no policy).
     if is_cogact_dir(path):
-        return load_cogact(path, unnorm_key=unnorm_key, device=device, dtype=dtype)
+        from .cogact import CogACTPolicy
 
-    return load_openvla(path, unnorm_key=unnorm_key, device=device, dtype=dtype)
+        parts = load_cogact(path, unnorm_key=unnorm_key, device=device, dtype=dtype)
+        return CogACTPolicy(parts.model, parts.tokenizer, parts.norm_stats, parts.unnorm_key)
+    parts = load_openvla(path, unnorm_key=unnorm_key, device=device, dtype=dtype)
+    return Policy(parts.model, parts.tokenizer, parts.norm_stats, unnorm_key=parts.unnorm_key)

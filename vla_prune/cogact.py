@@ -194,7 +194,7 @@ class CogACTPolicy(Policy):
         """CogACT's layout: checkpoints/<name>.pt, config.json, dataset_statistics.json."""
         from .models.cogact_checkpoints import save_cogact
 
-        return save_cogact(self, Path(path))
+        return save_cogact(self.model, self.tokenizer, self.norm_stats, Path(path))
 
 
 def _check_sampling(s: SamplingConfig, cfg: CogACTConfig) -> SamplingConfig:

@@ -355,9 +355,10 @@ class Policy:
     # -- persistence --------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
+        """OpenVLA's Hugging Face layout, with upstream's weight names and config fields."""
         from .models.checkpoints import save_openvla
 
-        return save_openvla(self, Path(path))
+        return save_openvla(self.model, self.tokenizer, self.norm_stats, Path(path))
 
 
 def _np(x: torch.Tensor | None, i: int) -> np.ndarray | None:

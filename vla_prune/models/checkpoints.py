@@ -1,19 +1,30 @@
 """OpenVLA checkpoints in the Hugging Face layout, read and written without running their code.
 
-A directory holds: config.json (with norm_stats), dataset_statistics.json, safetensors weights
-(one file or shards + model.safetensors.index.json), tokenizer files, preprocessor_config.json.
-Real OpenVLA checkpoints describe their backbones by timm ids; ours also carry our exact
+A directory holds what upstream's converter (openvla vla-scripts/extern/
+convert_openvla_weights_to_hf.py) writes: config.json (OpenVLAConfig's fields, with norm_stats),
+dataset_statistics.json, safetensors weights (one file, or model-0000i-of-0000n shards +
+model.safetensors.index.json), tokenizer files and preprocessor_config.json
+(PrismaticImageProcessor's fields). Weight names are upstream's HF names; DINOv2's LayerScale is
+`ls1.scale_factor` / `ls2.scale_factor` (our checkpoints before that rename said `.gamma`: still
+read). Real checkpoints describe their backbones by timm ids; ours also carry our exact
 architecture under "vla_prune". No trust_remote_code, no network, safetensors only.
+
+Loaders here return the parts (LoadedCheckpoint) and vla_prune.load_policy wraps them in a
+Policy, so models/ never imports policy code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
@@ -27,16 +38,44 @@ log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+PREPROCESSOR = "preprocessor_config.json"
 
+# Upstream's ids for OpenVLA's backbones (prismatic/extern/hf/configuration_prismatic.py).
+DINO_TIMM_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
+SIGLIP_TIMM_ID = "vit_so400m_patch14_siglip_224"
+VISION_BACKBONE_ID = "dinosiglip-vit-so-224px"
+LLM_BACKBONE_ID = "llama2-7b-pure"
+HF_LLM_ID = "meta-llama/Llama-2-7b-hf"
+ARCH_SPECIFIER = "no-align+fused-gelu-mlp"
 # The backbones real OpenVLA checkpoints name (config.json "timm_model_ids").
 TIMM_VITS = {
-    "vit_large_patch14_reg4_dinov2.lvd142m": ViTConfig(
-        1024, 24, 16, 4096, reg_tokens=4, layer_scale=True
-    ),
-    "vit_so400m_patch14_siglip_224": ViTConfig(
-        1152, 27, 16, 4304, class_token=False, attn_pool=True
-    ),
+    DINO_TIMM_ID: ViTConfig(1024, 24, 16, 4096, reg_tokens=4, layer_scale=True),
+    SIGLIP_TIMM_ID: ViTConfig(1152, 27, 16, 4304, class_token=False, attn_pool=True),
 }
+# What upstream's config.json / preprocessor_config.json name for auto classes (its own code).
+CONFIG_AUTO_MAP = {
+    "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+    "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+}
+PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+    "AutoProcessor": "processing_prismatic.PrismaticProcessor",
+}
+PIL_BICUBIC = 3  # torchvision's pil_modes_mapping[BICUBIC], as tvf_resize_params stores it
+# Our checkpoints before upstream's naming: timm's LayerScale "gamma".
+LEGACY_LAYER_SCALE = re.compile(
+    r"^(vision_backbone\.(?:featurizer|fused_featurizer)\.blocks\.\d+\.ls[12])\.gamma$"
+)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What a checkpoint holds; vla_prune.load_policy wraps it in the matching Policy class."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    norm_stats: dict[str, Any]
+    unnorm_key: str | None = None
 
 
 class CheckpointError(ValueError):
@@ -53,21 +92,32 @@ def read_json(path: Path) -> Any:
 
 
 def config_from_json(cfg: dict[str, Any], path: Path) -> VLAConfig:
+    """The architecture from config.json: ours exactly ("vla_prune"), or upstream's fields."""
     if "vla_prune" in cfg:
         try:
             return VLAConfig.from_dict(cfg["vla_prune"])
         except (TypeError, KeyError) as e:
             raise CheckpointError(f"{path}: bad 'vla_prune' architecture block: {e}") from e
     # A real OpenVLA checkpoint: backbones by timm id, the LLM by its Llama text_config.
+    if cfg.get("use_fused_vision_backbone", True) is not True:
+        raise CheckpointError(
+            f"{path}: use_fused_vision_backbone={cfg.get('use_fused_vision_backbone')!r}; "
+            "only the fused DINOv2 + SigLIP backbone (OpenVLA's) is supported"
+        )
     ids = cfg.get("timm_model_ids")
     if not ids or len(ids) != 2 or any(i not in TIMM_VITS for i in ids):
         raise CheckpointError(
             f"{path}: unsupported vision backbone timm_model_ids={ids}; "
             f"supported: fused {list(TIMM_VITS)}"
         )
+    sizes = cfg.get("image_sizes", [224, 224])
+    if not isinstance(sizes, list) or len(sizes) != 2 or len(set(sizes)) != 1:
+        # the two backbones' patches are concatenated one to one: same grid
+        raise CheckpointError(f"{path}: image_sizes must be two equal sizes, found {sizes!r}")
+    size = int(sizes[0])
     text = dict(cfg.get("text_config") or {})
     text.pop("model_type", None)
-    llm = LlamaConfig(**text)
+    llm = LlamaConfig(**text)  # upstream writes only the fields that differ from the defaults
     pad_multiple = int(cfg.get("pad_to_multiple_of", 64))
     llm_dict = {
         k: getattr(llm, k)
@@ -90,14 +140,83 @@ def config_from_json(cfg: dict[str, Any], path: Path) -> VLAConfig:
     llama2 = str(cfg.get("llm_backbone_id", "")).startswith("llama2")
     return VLAConfig(
         name=str(cfg.get("llm_backbone_id", "openvla")),
-        dino=TIMM_VITS[ids[0]],
-        siglip=TIMM_VITS[ids[1]],
+        dino=dataclasses.replace(TIMM_VITS[ids[0]], image_size=size),
+        siglip=dataclasses.replace(TIMM_VITS[ids[1]], image_size=size),
         llm=llm_dict,
         tokenizer_vocab_size=llm.vocab_size - pad_multiple,  # as upstream: 32064 - 64
         n_action_bins=int(cfg.get("n_action_bins", 256)),
         prompt_suffix_token_id=29871 if llama2 else None,
         max_length=int(cfg.get("llm_max_length", 2048)),
     )
+
+
+def read_preprocessing(root: Path, cfg: VLAConfig) -> VLAConfig:
+    """cfg with the image statistics of preprocessor_config.json (PrismaticImageProcessor's).
+
+    Upstream's processor applies `tvf_normalize_params` (ImageProcessingMixin sets the saved
+    tvf_* fields over the ones it derives from means/stds), so those win; openvla-7b's are the
+    means/stds rounded to bf16 by its converter. Only what we implement is accepted:
+    "resize-naive" with bicubic interpolation, no letterbox, the ViTs' input size.
+    """
+    path = root / PREPROCESSOR
+    if not path.is_file():
+        log.warning("%s is missing: using %s's default image statistics", path, cfg.name)
+        return cfg
+    pp = read_json(path)
+    if not isinstance(pp, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    strategy = pp.get("image_resize_strategy", "resize-naive")
+    if strategy != "resize-naive":
+        raise CheckpointError(
+            f"{path}: image_resize_strategy {strategy!r} is not supported (only 'resize-naive')"
+        )
+    if pp.get("tvf_do_letterbox"):
+        raise CheckpointError(f"{path}: tvf_do_letterbox is not supported")
+    if pp.get("use_fused_vision_backbone", True) is not True:
+        raise CheckpointError(f"{path}: use_fused_vision_backbone must be true")
+    n, s = len(cfg.image_means), cfg.image_size
+    for i, interp in enumerate(pp.get("interpolations") or []):
+        if interp != "bicubic":
+            raise CheckpointError(f"{path}: interpolations[{i}] is {interp!r}, only 'bicubic'")
+    for i, size in enumerate(pp.get("input_sizes") or []):
+        if list(size) != [3, s, s]:
+            raise CheckpointError(f"{path}: input_sizes[{i}] is {size}, the ViTs take {[3, s, s]}")
+    for i, rp in enumerate(pp.get("tvf_resize_params") or []):
+        size = rp.get("size") if isinstance(rp, dict) else None
+        if size not in ([s, s], s) or rp.get("interpolation", PIL_BICUBIC) != PIL_BICUBIC:
+            raise CheckpointError(
+                f"{path}: tvf_resize_params[{i}] is {rp}; expected size {[s, s]}, bicubic "
+                f"({PIL_BICUBIC})"
+            )
+    norm = pp.get("tvf_normalize_params")
+    if norm:
+        field = "tvf_normalize_params"
+        if not all(isinstance(x, dict) for x in norm):
+            raise CheckpointError(f"{path}: {field} must be a list of objects")
+        means, stds = [x.get("mean") for x in norm], [x.get("std") for x in norm]
+    else:
+        field, means, stds = "means/stds", pp.get("means"), pp.get("stds")
+        if means is None and stds is None:
+            return cfg
+    try:
+        means_t = tuple(tuple(float(v) for v in m) for m in means)
+        stds_t = tuple(tuple(float(v) for v in x) for x in stds)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed {field}: {e}") from e
+    if len(means_t) != n or len(stds_t) != n or any(len(v) != 3 for v in means_t + stds_t):
+        raise CheckpointError(f"{path}: {field} must hold {n} backbones x 3 channels")
+    if (means_t, stds_t) != (cfg.image_means, cfg.image_stds):
+        log.debug("%s: image statistics %s / %s from %s", path, means_t, stds_t, field)
+    return dataclasses.replace(cfg, image_means=means_t, image_stds=stds_t)
+
+
+def read_openvla_config(root: Path) -> tuple[VLAConfig, dict[str, Any]]:
+    """The architecture (with preprocessing) of a checkpoint directory, and its raw config.json."""
+    raw = read_json(root / "config.json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{root / 'config.json'}: expected a JSON object")
+    cfg = config_from_json(raw, root / "config.json")
+    return read_preprocessing(root, cfg), raw
 
 
 def read_norm_stats(cfg: dict[str, Any], root: Path, action_dim: int) -> dict[str, Any]:
@@ -166,7 +285,11 @@ def check_state_dict(
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
+        # a misnamed weight shows up on both sides: name both, so the rename is visible
+        extra = f"; unexpected: {[(k, origin[k]) for k in unexpected[:5]]}" if unexpected else ""
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}{extra}"
+        )
     if unexpected:
         raise CheckpointError(
             f"checkpoint has {len(unexpected)} unexpected weights, e.g. "
@@ -181,40 +304,66 @@ def check_state_dict(
             )
 
 
+def upgrade_legacy_names(
+    tensors: dict[str, torch.Tensor], origin: dict[str, str], root: Path
+) -> None:
+    """Our checkpoints before upstream's naming stored LayerScale as timm's `.gamma`: rename."""
+    old = [k for k in tensors if LEGACY_LAYER_SCALE.match(k)]
+    for key in old:
+        new = key.removesuffix(".gamma") + ".scale_factor"
+        if new in tensors:
+            raise CheckpointError(
+                f"{root}: both {key!r} ({origin[key]}) and {new!r} ({origin[new]}): one weight "
+                "under its old and its new name"
+            )
+        tensors[new], origin[new] = tensors.pop(key), origin.pop(key)
+    if old:
+        log.debug(
+            "%s: %d LayerScale weights under the old name '.gamma', read as '.scale_factor'",
+            root,
+            len(old),
+        )
+
+
 def load_openvla(
     path: str | Path,
     unnorm_key: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-):
-    """Load an OpenVLA-layout checkpoint directory into a Policy."""
-    from ..policy import Policy
-
+) -> LoadedCheckpoint:
+    """Read an OpenVLA-layout checkpoint directory: the model, tokenizer and statistics."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
-    raw = read_json(root / "config.json")
-    cfg = config_from_json(raw, root / "config.json")
+    cfg, raw = read_openvla_config(root)
     stats = read_norm_stats(raw, root, cfg.action_dim)
     tensors, origin = read_weights(root)
+    upgrade_legacy_names(tensors, origin, root)
     with torch.device("meta"):
         model = OpenVLAModel(cfg)
     check_state_dict(model, tensors, origin)
     model.load_state_dict(tensors, strict=True, assign=True)
     rebuild_rotary(model)
     model.to(device=device, dtype=dtype)
+    return LoadedCheckpoint(model, load_tokenizer(root), stats, unnorm_key)
+
+
+def load_tokenizer(root: Path) -> Any:
+    """The tokenizer files of a checkpoint directory, never downloading anything."""
+    # AutoTokenizer peeks at config.json (OpenVLA's "openvla" or CogACT's: no transformers
+    # model type) and warns; the class comes from tokenizer_config.json: the warning is noise.
+    # trust_remote_code=False: upstream's config.json has an auto_map, and transformers would
+    # otherwise stop to ask on the terminal whether to run that code.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        # AutoTokenizer peeks at config.json ("openvla" is no transformers model type) and warns;
-        # the tokenizer class comes from tokenizer_config.json, so the warning is noise.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        return AutoTokenizer.from_pretrained(
+            str(root), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer from {root}: {e}") from e
-    return Policy(model, tokenizer, stats, unnorm_key=unnorm_key)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def rebuild_rotary(model: OpenVLAModel) -> None:
@@ -228,45 +377,102 @@ def rebuild_rotary(model: OpenVLAModel) -> None:
         raise CheckpointError(f"buffers not restored from the checkpoint: {leftover[:5]}")
 
 
-def save_openvla(policy, root: Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    cfg: VLAConfig = policy.config
-    root.mkdir(parents=True, exist_ok=True)
-    lm_cfg = policy.model.language_model.config
-    config = {
+# -- writing ----------------------------------------------------------------------------------
+
+
+def is_upstream_architecture(cfg: VLAConfig) -> bool:
+    """Whether upstream's code can build this architecture (openvla-7b's shapes)."""
+    from .presets import get_preset
+
+    ref = get_preset("openvla-7b")
+    return (cfg.dino, cfg.siglip, cfg.llm, cfg.tokenizer_vocab_size) == (
+        TIMM_VITS[DINO_TIMM_ID],
+        TIMM_VITS[SIGLIP_TIMM_ID],
+        ref.llm,
+        ref.tokenizer_vocab_size,
+    )
+
+
+def upstream_config(cfg: VLAConfig, norm_stats: dict[str, Any], dtype: torch.dtype) -> dict:
+    """config.json with OpenVLAConfig's fields (as its to_json writes them) + our "vla_prune".
+
+    Other architectures get "vla-prune:<name>" ids: upstream's PrismaticConfig rejects those by
+    name instead of failing later on shapes; our loader reads the "vla_prune" block."""
+    upstream = is_upstream_architecture(cfg)
+    ours = f"vla-prune:{cfg.name}"
+    llm = {"model_type": "llama", **cfg.llm}
+    dtype_name = str(dtype).removeprefix("torch.")
+    timm_ids = [DINO_TIMM_ID, SIGLIP_TIMM_ID] if upstream else [f"{ours}/dino", f"{ours}/siglip"]
+    return {
+        "arch_specifier": ARCH_SPECIFIER,
         "architectures": ["OpenVLAForActionPrediction"],
-        "model_type": "openvla",
-        "vision_backbone_id": "dinosiglip-vit-so-224px",
-        "llm_backbone_id": cfg.name,
-        "arch_specifier": "no-align+fused-gelu-mlp",
-        "use_fused_vision_backbone": True,
+        "auto_map": CONFIG_AUTO_MAP,
+        "hf_llm_id": HF_LLM_ID if upstream else ours,
         "image_resize_strategy": "resize-naive",
         "image_sizes": [cfg.image_size, cfg.image_size],
-        "n_action_bins": cfg.n_action_bins,
-        "pad_to_multiple_of": lm_cfg.vocab_size - cfg.tokenizer_vocab_size,
-        "pad_token_id": lm_cfg.pad_token_id,
+        "llm_backbone_id": LLM_BACKBONE_ID if upstream else ours,
         "llm_max_length": cfg.max_length,
-        "norm_stats": policy.norm_stats,
-        "text_config": {"model_type": "llama", **cfg.llm},
+        "model_type": "openvla",
+        "n_action_bins": cfg.n_action_bins,
+        "norm_stats": norm_stats,
+        "output_projector_states": False,
+        "pad_to_multiple_of": int(cfg.llm["vocab_size"]) - cfg.tokenizer_vocab_size,
+        "pad_token_id": cfg.llm["pad_token_id"],
+        "text_config": {**llm, "torch_dtype": dtype_name},
+        "timm_model_ids": timm_ids,
+        "timm_override_act_layers": [None, None],
+        "torch_dtype": dtype_name,
+        "transformers_version": transformers.__version__,
+        "use_fused_vision_backbone": True,
+        "vision_backbone_id": VISION_BACKBONE_ID if upstream else ours,
         "vla_prune": cfg.to_dict(),
     }
+
+
+def upstream_preprocessor_config(cfg: VLAConfig) -> dict[str, Any]:
+    """preprocessor_config.json as PrismaticImageProcessor + PrismaticProcessor save it."""
+    s, n = cfg.image_size, len(cfg.image_means)
+    return {
+        "auto_map": PROCESSOR_AUTO_MAP,
+        "image_processor_type": "PrismaticImageProcessor",
+        "image_resize_strategy": "resize-naive",
+        "input_sizes": [[3, s, s]] * n,
+        "interpolations": ["bicubic"] * n,
+        "means": [list(m) for m in cfg.image_means],
+        "processor_class": "PrismaticProcessor",
+        "stds": [list(x) for x in cfg.image_stds],
+        "tvf_crop_params": [{"output_size": [s, s]}] * n,
+        "tvf_do_letterbox": False,
+        "tvf_letterbox_fill": None,
+        "tvf_normalize_params": [
+            {"inplace": False, "mean": list(m), "std": list(x)}
+            for m, x in zip(cfg.image_means, cfg.image_stds)
+        ],
+        "tvf_resize_params": [
+            {"antialias": True, "interpolation": PIL_BICUBIC, "max_size": None, "size": [s, s]}
+        ]
+        * n,
+        "use_fused_vision_backbone": True,
+    }
+
+
+def save_openvla(
+    model: OpenVLAModel,
+    tokenizer: Any,
+    norm_stats: dict[str, Any],
+    root: Path,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write upstream's HF layout (names and fields as its converter writes them)."""
+    cfg: VLAConfig = model.config
+    root.mkdir(parents=True, exist_ok=True)
+    dtype = next(model.parameters()).dtype
+    config = upstream_config(cfg, norm_stats, dtype)
     (root / "config.json").write_text(json.dumps(config, indent=2))
-    (root / "dataset_statistics.json").write_text(json.dumps(policy.norm_stats, indent=2))
-    (root / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "PrismaticImageProcessor",
-                "image_resize_strategy": "resize-naive",
-                "input_sizes": [[3, cfg.image_size, cfg.image_size]] * 2,
-                "interpolations": ["bicubic", "bicubic"],
-                "means": [list(m) for m in cfg.image_means],
-                "stds": [list(s) for s in cfg.image_stds],
-                "use_fused_vision_backbone": True,
-            },
-            indent=2,
-        )
-    )
-    _save_shards(policy.model.state_dict(), root, max_shard_bytes)
-    policy.tokenizer.save_pretrained(str(root))
+    (root / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
+    (root / PREPROCESSOR).write_text(json.dumps(upstream_preprocessor_config(cfg), indent=2))
+    _save_shards(model.state_dict(), root, max_shard_bytes)
+    tokenizer.save_pretrained(str(root))
     return root
 
 

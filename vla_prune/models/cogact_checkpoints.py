@@ -18,6 +18,9 @@ A flat state dict with "vlm."-prefixed keys is accepted too. Keys map onto our m
     llm_backbone.llm.X                   <-> language_model.X
     action_model.net.X                   <-> action_model.net.X
 
+The ViTs keep timm's names there, LayerScale included: CogACT's blocks.N.ls{1,2}.gamma is our
+(and OpenVLA's HF) blocks.N.ls{1,2}.scale_factor. Only OpenVLA's HF converter renames it.
+
 CogACT repos ship no tokenizer (upstream fetches Llama-2's at run time); we never download, so
 the tokenizer files must sit in the directory (our save() writes them there).
 """
@@ -26,15 +29,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
 
-from .checkpoints import CheckpointError, read_json, read_norm_stats, rebuild_rotary
+from .checkpoints import (
+    CheckpointError,
+    LoadedCheckpoint,
+    load_tokenizer,
+    read_json,
+    read_norm_stats,
+    rebuild_rotary,
+)
 from .cogact import CogACTConfig, CogACTModel, cogact_config
 from .dit import DIT_SIZES, DiTConfig
 
@@ -55,18 +64,28 @@ IGNORED_GROUPS = ("ema_diffusion",)  # EMA copy of the action model (use_ema run
 # CogACT's base VLM ids -> the preset with those shapes.
 BASE_VLMS = {"prism-dinosiglip-224px+7b": "openvla-7b"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# timm's LayerScale parameter (CogACT) and ours / OpenVLA HF's, at the end of a ViT block key.
+TIMM_LAYER_SCALE = re.compile(r"(\.blocks\.\d+\.ls[12])\.gamma$")
+OUR_LAYER_SCALE = re.compile(r"(\.blocks\.\d+\.ls[12])\.scale_factor$")
 
 
 def to_cogact(key: str) -> tuple[str, str]:
     """Our state-dict key -> (CogACT group, key inside that group)."""
     for ours, group, inner in KEY_MAP:
         if key.startswith(ours):
-            return group, inner + key[len(ours) :]
+            theirs = inner + key[len(ours) :]
+            if group == "vision_backbone":
+                theirs = OUR_LAYER_SCALE.sub(r"\1.gamma", theirs)
+            return group, theirs
     raise KeyError(f"no CogACT name for {key!r}")
 
 
 def from_cogact(group: str, key: str) -> str | None:
     """(CogACT group, key) -> our key, or None if it names nothing of ours."""
+    if group == "vision_backbone":
+        if OUR_LAYER_SCALE.search(key):
+            return None  # not CogACT's name: its timm ViTs say ".gamma"
+        key = TIMM_LAYER_SCALE.sub(r"\1.scale_factor", key)
     for ours, g, inner in KEY_MAP:
         if g == group and key.startswith(inner):
             return ours + key[len(inner) :]
@@ -156,10 +175,12 @@ def check_weights(
 ) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
+    unexpected = sorted(set(tensors) - set(expected))
     if missing:
         names = [".".join(to_cogact(k)) for k in missing[:5]]
-        raise CheckpointError(f"{pt} is missing {len(missing)} weights, e.g. {names}")
-    unexpected = sorted(set(tensors) - set(expected))
+        # a misnamed weight shows up on both sides: name both, so the rename is visible
+        extra = f"; unexpected: {[origin[k] for k in unexpected[:5]]}" if unexpected else ""
+        raise CheckpointError(f"{pt} is missing {len(missing)} weights, e.g. {names}{extra}")
     if unexpected:
         names = [origin[k] for k in unexpected[:5]]
         raise CheckpointError(f"{pt} has {len(unexpected)} unexpected weights, e.g. {names}")
@@ -263,10 +284,8 @@ def load_cogact(
     unnorm_key: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-):
-    """Load a CogACT run directory (or its .pt) into a CogACTPolicy."""
-    from ..cogact import CogACTPolicy
-
+) -> LoadedCheckpoint:
+    """Read a CogACT run directory (or its .pt): the model, tokenizer and statistics."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -289,24 +308,16 @@ def load_cogact(
     model.load_state_dict(tensors, strict=True, assign=True)
     rebuild_rotary(model)
     model.to(device=device, dtype=dtype)
-    tokenizer = _tokenizer(root)
-    return CogACTPolicy(model, tokenizer, stats, unnorm_key=unnorm_key)
+    return LoadedCheckpoint(model, _tokenizer(root), stats, unnorm_key)
 
 
-def _tokenizer(root: Path):
+def _tokenizer(root: Path) -> Any:
     if not any((root / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(
             f"no tokenizer in {root} (looked for {list(TOKENIZER_FILES)}): CogACT checkpoints "
             "don't ship one; copy Llama-2-7B's tokenizer files into that directory"
         )
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # AutoTokenizer peeks at config.json, which isn't HF's
-    try:
-        return AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot load the tokenizer from {root}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return load_tokenizer(root)
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -321,8 +332,9 @@ def cogact_state(model: CogACTModel) -> dict[str, dict[str, torch.Tensor]]:
     return groups
 
 
-def save_cogact(policy, root: Path) -> Path:
-    cfg: CogACTConfig = policy.config
+def save_cogact(model: CogACTModel, tokenizer: Any, norm_stats: dict[str, Any], root: Path) -> Path:
+    """CogACT's run-directory layout: checkpoints/<name>.pt, config.json/.yaml, statistics."""
+    cfg: CogACTConfig = model.config
     root.mkdir(parents=True, exist_ok=True)
     ckpt_dir = root / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
@@ -343,9 +355,9 @@ def save_cogact(policy, root: Path) -> Path:
     (root / "config.json").write_text(json.dumps(config, indent=2))
     plain = json.loads(json.dumps(config))  # tuples -> lists: YAML's safe dumper wants plain types
     (root / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
-    (root / "dataset_statistics.json").write_text(json.dumps(policy.norm_stats, indent=2))
-    torch.save({"model": cogact_state(policy.model)}, ckpt_dir / f"{_file_name(cfg.name)}.pt")
-    policy.tokenizer.save_pretrained(str(root))
+    (root / "dataset_statistics.json").write_text(json.dumps(norm_stats, indent=2))
+    torch.save({"model": cogact_state(model)}, ckpt_dir / f"{_file_name(cfg.name)}.pt")
+    tokenizer.save_pretrained(str(root))
     return root
 
 

@@ -1,4 +1,6 @@
-"""A plain ViT with timm's parameter names, so OpenVLA's DINOv2 / SigLIP weights load 1:1.
+"""A plain ViT with the parameter names of OpenVLA's HF checkpoints, so its weights load 1:1.
+
+Those are timm's names, except LayerScale's `gamma`, which upstream stores as `scale_factor`.
 
 We don't depend on timm (its torchvision dependency breaks CPU installs here); this file
 re-implements the few pieces OpenVLA uses: patch embedding, class/register tokens, absolute
@@ -25,7 +27,7 @@ class ViTConfig:
     image_size: int = 224
     class_token: bool = True
     reg_tokens: int = 0
-    layer_scale: bool = False  # DINOv2: ls1/ls2 gammas
+    layer_scale: bool = False  # DINOv2: ls1/ls2.scale_factor (timm: gamma)
     attn_pool: bool = False  # SigLIP: MAP head (present in checkpoints, unused by OpenVLA)
     gelu_tanh: bool = False
 
@@ -58,12 +60,24 @@ class Attention(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """timm's LayerScale, its parameter named as in OpenVLA's HF checkpoints: `scale_factor`.
+
+    transformers rewrites parameter names containing "gamma", so upstream's converter and
+    modeling_prismatic.py (`ls_apply_patch`) rename timm's `gamma` to `scale_factor`."""
+
     def __init__(self, width: int):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((width,), 1e-5))
+        self.scale_factor = nn.Parameter(torch.full((width,), 1e-5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+        return x * self.scale_factor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # State dicts saved before the rename (e.g. sim training states) hold timm's ".gamma".
+        old, new = prefix + "gamma", prefix + "scale_factor"
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Mlp(nn.Module):
