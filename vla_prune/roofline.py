@@ -3,7 +3,9 @@
 Bytes moved count what a stage must read or write at least once: its weights, and for the LLM
 the KV cache (written in prefill; read, and one row written, at every decode step).
 Activations are ignored (small next to 7 B of weights). GPU peaks come from the vendors'
-datasheets (dense bf16 tensor-core FLOP/s, HBM bandwidth); a CPU's are measured once.
+datasheets (dense bf16 tensor-core FLOP/s, DRAM bandwidth: the table in vla_prune.targets); a
+CPU's are measured once. `project_step` bounds one step on a datasheet target for bf16, int8 or
+int4 weights (`vla-prune info --target`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from .engine.flops import StepFlops
 from .models.arch import VLAConfig
+from .targets import TARGETS, Target
 
 
 @dataclass(frozen=True)
@@ -25,17 +28,15 @@ class DevicePeak:
     source: str  # "datasheet" | "measured"
 
 
-# name fragment -> (dense bf16 tensor FLOP/s, memory bytes/s); first match wins.
-GPU_PEAKS = [
-    ("H200", 989e12, 4.8e12),
-    ("H100 PCIe", 756e12, 2.0e12),
-    ("H100", 989e12, 3.35e12),
-    ("A100", 312e12, 2.04e12),
-    ("L40S", 362e12, 0.864e12),
-    ("4090", 165e12, 1.008e12),
-    ("A6000", 155e12, 0.768e12),
-    ("A40", 150e12, 0.696e12),
-]
+# name fragment -> (dense bf16 tensor FLOP/s, memory bytes/s); first match wins (the table's
+# order puts "H100 PCIe" before "H100" and "A6000" before "A40").
+GPU_PEAKS = [(t.match, t.bf16_flops, t.bandwidth) for t in TARGETS.values() if t.match]
+
+# Bytes per weight of each weight format. int8 / int4 are weight-only quantization: weights are
+# dequantized in the kernel and the math is still bf16, so a target's bf16 FLOP peak applies to
+# every format and only the bytes change. Activations and the KV cache stay bf16.
+WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+ACTIVATION_BYTES = 2
 
 
 def device_peak(device: torch.device | str, dtype: torch.dtype = torch.float32) -> DevicePeak:
@@ -83,10 +84,19 @@ def stage_bytes(
     prompt_tokens: int,
     kept_visual: int | None,
     prune_layer: int | None,
-    dtype_bytes: int,
+    dtype_bytes: float,
     skip_layers: frozenset[int] = frozenset(),
-) -> dict[str, int]:
-    """Minimum bytes each stage moves: weights read (+ KV cache traffic for the LLM)."""
+    kv_bytes: float | None = None,
+    decode_steps: int | None = None,
+    lm_head: bool = True,
+) -> dict[str, float]:
+    """Minimum bytes each stage moves: weights read (+ KV cache traffic for the LLM).
+
+    dtype_bytes is per weight; kv_bytes per KV-cache element (default: dtype_bytes).
+    decode_steps defaults to OpenVLA's action_dim - 1; CogACT passes 0 and lm_head=False (its
+    prefill returns a hidden state, no LM head runs).
+    """
+    kv_bytes = dtype_bytes if kv_bytes is None else kv_bytes
     vb = model.vision_backbone
     vision = 0
     for vit in (vb.featurizer, vb.fused_featurizer):  # the last block never runs
@@ -95,29 +105,113 @@ def stage_bytes(
     lm = model.language_model
     layers = [i for i in range(cfg.num_layers) if i not in skip_layers]
     layer_w = sum(_params(lm.model.layers[i]) for i in layers)
-    head_w = _params(lm.lm_head)
+    head_w = _params(lm.lm_head) if lm_head else 0
     llm = cfg.llm
     kv_row = 2 * llm["num_key_value_heads"] * (llm["hidden_size"] // llm["num_attention_heads"])
     t = prompt_tokens + cfg.num_patches
     k = cfg.num_layers if kept_visual is None or prune_layer is None else prune_layer
     t_kept = t if kept_visual is None else t - cfg.num_patches + kept_visual
     rows = [t if i < k else t_kept for i in layers]
-    steps = cfg.action_dim - 1
+    steps = cfg.action_dim - 1 if decode_steps is None else decode_steps
     decode_kv = sum(sum(r + s + 1 for s in range(steps)) for r in rows) * kv_row
     return {
         "vision": vision * dtype_bytes,
         "projector": _params(model.projector) * dtype_bytes,
-        "prefill": (layer_w + head_w + sum(rows) * kv_row) * dtype_bytes,
-        "decode": (steps * (layer_w + head_w) + decode_kv) * dtype_bytes,
+        "prefill": (layer_w + head_w) * dtype_bytes + sum(rows) * kv_row * kv_bytes,
+        "decode": steps * (layer_w + head_w) * dtype_bytes + decode_kv * kv_bytes,
     }
 
 
-def bounds_ms(flops: StepFlops, nbytes: dict[str, int], peak: DevicePeak) -> dict[str, float]:
-    """Roofline time per stage in ms; the LM head is charged to prefill (1 row) and decode."""
+def action_head_bytes(
+    net: torch.nn.Module, steps: int, cache=None, dtype_bytes: float = 2
+) -> float:
+    """Weights a DiT head (models.dit.DiT) reads in one sampling run: embedders and final layer
+    at every step, the blocks only at the full steps when DiT caching is on (guidance doubles
+    the batch of one forward, not the weights it reads)."""
+    full = steps if cache is None or not cache.enabled else len(range(0, steps, cache.interval))
+    embed = sum(_params(m) for m in (net.x_embedder, net.t_embedder, net.z_embedder))
+    embed += net.positional_embedding.numel()
+    per_step = embed + _params(net.final_layer)
+    return (steps * per_step + full * _params(net.blocks)) * dtype_bytes
+
+
+@dataclass(frozen=True)
+class StageRoof:
+    """One stage's two roofs: compute (FLOPs / peak) and memory (bytes / bandwidth), in ms."""
+
+    flops: float
+    nbytes: float
+    compute_ms: float
+    memory_ms: float
+
+    @property
+    def ms(self) -> float:
+        return max(self.compute_ms, self.memory_ms)
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_ms >= self.memory_ms else "memory"
+
+
+def stage_roofs(
+    flops: StepFlops, nbytes: dict[str, float], peak: DevicePeak
+) -> dict[str, StageRoof]:
+    """Both roofs per stage; the LM head is charged to prefill (1 row) and decode."""
     f = {s: v for s, v in flops.stages.items() if s != "lm_head"}
     head_per_call = flops.lm_head / (1 + flops.decode_steps)
     f["prefill"] += head_per_call
+    f.setdefault("decode", 0)
     f["decode"] += head_per_call * flops.decode_steps
-    out = {s: 1e3 * max(f[s] / peak.flops, nbytes[s] / peak.bandwidth) for s in nbytes}
+    return {
+        s: StageRoof(f[s], nbytes[s], 1e3 * f[s] / peak.flops, 1e3 * nbytes[s] / peak.bandwidth)
+        for s in nbytes
+    }
+
+
+def bounds_ms(flops: StepFlops, nbytes: dict[str, float], peak: DevicePeak) -> dict[str, float]:
+    """Roofline time per stage in ms; the LM head is charged to prefill (1 row) and decode."""
+    out = {s: r.ms for s, r in stage_roofs(flops, nbytes, peak).items()}
     out["total"] = sum(out.values())
     return out
+
+
+def target_peak(target: Target) -> DevicePeak:
+    """A datasheet target's peaks. Its bf16 FLOP peak serves every weight format (see
+    WEIGHT_BYTES: int8 / int4 here are weight-only, the math stays bf16)."""
+    return DevicePeak(target.name, target.bf16_flops, target.bandwidth, target.source)
+
+
+def project_step(
+    policy,
+    flops: StepFlops,
+    target: Target,
+    weights: str,
+    prompt_tokens: int,
+    kept_visual: int | None = None,
+    prune_layer: int | None = None,
+) -> dict[str, StageRoof]:
+    """Roofline bound of one control step of `policy` (meta weights suffice) on `target` with
+    `weights` in bf16 / int8 / int4. `flops` is that step's StepFlops (for CogACT with the DiT
+    head as action_head and no decode). Stages: vision, projector, prefill, and decode (OpenVLA)
+    or action_head (a diffusion head)."""
+    if weights not in WEIGHT_BYTES:
+        raise ValueError(f"unknown weight format {weights!r}; known: {', '.join(WEIGHT_BYTES)}")
+    wb = WEIGHT_BYTES[weights]
+    nbytes = stage_bytes(
+        policy.model,
+        policy.config,
+        prompt_tokens,
+        kept_visual,
+        prune_layer,
+        wb,
+        kv_bytes=ACTIVATION_BYTES,
+        decode_steps=flops.decode_steps,
+        lm_head=flops.lm_head > 0,
+    )
+    if flops.action_head:
+        s = policy.sampling
+        net = policy.model.action_model.net
+        nbytes["action_head"] = action_head_bytes(net, s.ddim_steps, policy.cache_config, wb)
+    if not flops.decode_steps:
+        del nbytes["decode"]
+    return stage_roofs(flops, nbytes, target_peak(target))

@@ -19,7 +19,10 @@ from .common import (
 
 
 def cmd_info(args) -> int:
-
+    if getattr(args, "target", None):
+        return _info_target(args)
+    if args.keep is None:  # info's --keep has no default so that --target can tell it was given
+        args.keep = "0.25"
     policy = load_policy_arg(args.policy, "meta", "float32", args.seed)
     cfg = policy.config
     m = policy.model
@@ -52,6 +55,127 @@ def cmd_info(args) -> int:
             {"policy": cfg.name, "params": params, "flops": {**flops.stages, "total": flops.total}},
         )
     return 0
+
+
+DEFAULT_BUDGETS = ("50%", "25%", "12.5%")  # kept visual tokens, after dense
+
+
+def _info_target(args) -> int:
+    """Roofline bound per stage on datasheet targets, per weight format and pruning budget."""
+    from vla_prune.roofline import WEIGHT_BYTES
+    from vla_prune.targets import format_targets, get_target
+
+    if args.target.strip().lower() == "list":
+        print(format_targets())
+        return 0
+    targets = [get_target(name) for name in args.target.split(",")]
+    weights = [w.strip() for w in args.weights.split(",")]
+    for w in weights:
+        if w not in WEIGHT_BYTES:
+            raise ValueError(f"unknown weight format {w!r}; known: {', '.join(WEIGHT_BYTES)}")
+    if args.run or args.prune_config:
+        raise ValueError("info --target takes budgets from --keep (a comma list), not a run spec")
+    policy = load_policy_arg(args.policy, "meta", "float32", args.seed)
+    n_text = len(policy.token_ids(args.instruction))
+    budgets = _target_budgets(args, policy.config)
+    results = []
+    for i, target in enumerate(targets):
+        if i:
+            print()
+        results.append(_project_target(policy, target, weights, budgets, n_text))
+    if args.out:
+        write_json(args.out, {"policy": policy.config.name, "targets": results})
+    return 0
+
+
+def _target_budgets(args, cfg) -> list[tuple[str, int | None, int | None]]:
+    """(label, kept visual tokens or None, pruning layer K or None): dense, then --keep's."""
+    from vla_prune.config import PruneConfig
+    from vla_prune.runspec import parse_keep
+
+    method = args.pruner if args.pruner not in ("none", "dense") else "vla-pruner"
+    keeps = args.keep.split(",") if args.keep else list(DEFAULT_BUDGETS)
+    out: list[tuple[str, int | None, int | None]] = [("dense", None, None)]
+    for text in (k.strip() for k in keeps):
+        if text in ("dense", "none", "1", "1.0", "100%"):
+            continue
+        prune = PruneConfig(method=method, layer=args.layer, **parse_keep(text))
+        k, _, _ = prune.resolve_layers(cfg.num_layers)
+        kept = prune.budget(cfg.num_patches)
+        label = f"{prune.keep_ratio * 100:g}%" if prune.keep_ratio is not None else text
+        out.append((label, kept, k))
+    return out
+
+
+def _project_target(policy, target, weights, budgets, n_text: int) -> dict:
+    """Print one table per weight format (rows: budgets) and return it all as a dict."""
+    import dataclasses
+
+    from vla_prune.roofline import WEIGHT_BYTES, project_step
+
+    cfg = policy.config
+    n_weights = sum(p.numel() for p in policy.model.parameters())
+    print(
+        f"{cfg.name} on {target.name}: {target.bf16_flops / 1e12:.1f} TFLOP/s dense bf16, "
+        f"{target.bandwidth / 1e9:.1f} GB/s, {target.memory_gb:g} GB; {n_text} text + "
+        f"{cfg.num_patches} visual tokens (roofline bound: an upper limit on the rate)"
+    )
+    print(f"  source: {target.source}")
+    tables = {}
+    for w in weights:
+        gb = n_weights * WEIGHT_BYTES[w] / 1e9
+        fits = "" if gb < target.memory_gb else ": they do not fit"
+        print(
+            f"\n{w} weights ({gb:.1f} of {target.memory_gb:g} GB{fits}; "
+            "activations and KV cache bf16)"
+        )
+        rows = []
+        for label, kept, k in budgets:
+            flops = _flops(policy, n_text, kept, k)
+            roofs = project_step(policy, flops, target, w, n_text, kept, k)
+            total = sum(r.ms for r in roofs.values())
+            binding = max(roofs, key=lambda s: roofs[s].ms)
+            rows.append(
+                {
+                    "budget": label,
+                    "kept_visual_tokens": cfg.num_patches if kept is None else kept,
+                    "prune_layer": k,
+                    "stages": {s: {**dataclasses.asdict(r), "ms": r.ms} for s, r in roofs.items()},
+                    "bound_ms": {s: r.ms for s, r in roofs.items()},
+                    "total_ms": total,
+                    "hz": 1e3 / total,
+                    "binding_stage": binding,
+                    "binding_roof": roofs[binding].bound,
+                }
+            )
+        _print_target_table(rows)
+        tables[w] = rows
+    return {"target": dataclasses.asdict(target), "prompt_tokens": n_text, "tables": tables}
+
+
+def _print_target_table(rows: list[dict]) -> None:
+    stages = list(rows[0]["bound_ms"])
+    widths = {s: max(len(s) + 5, 10) for s in stages}
+    head = f"{'budget':<8}{'kept':>5}" + "".join(f"{s + ' ms':>{widths[s]}}" for s in stages)
+    print(head + f"{'total ms':>10}{'Hz':>7}")
+    for r in rows:
+        cells = "".join(f"{r['bound_ms'][s]:>{widths[s]}.1f}" for s in stages)
+        print(
+            f"{r['budget']:<8}{r['kept_visual_tokens']:>5}{cells}{r['total_ms']:>10.1f}"
+            f"{r['hz']:>7.1f}"
+        )
+    binds = {(r["binding_stage"], r["binding_roof"]) for r in rows}
+    if len(binds) == 1:
+        stage, roof = binds.pop()
+        print(f"binds: {stage} ({roof}-bound) at every budget")
+    else:
+        parts = ", ".join(f"{r['budget']} {r['binding_stage']} ({r['binding_roof']})" for r in rows)
+        print(f"binds: {parts}")
+    roofs = "; ".join(
+        f"{s} {rows[0]['stages'][s]['compute_ms']:.1f} / {rows[0]['stages'][s]['memory_ms']:.1f}"
+        for s in stages
+    )
+    print(f"dense compute / memory roof ms: {roofs}")
 
 
 def cmd_profile(args) -> int:

@@ -98,7 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="parameter counts and FLOPs per stage (no weights run)")
     common(info)
-    info.set_defaults(fn=cmd_info)
+    info.add_argument(
+        "--target",
+        default=None,
+        help="roofline bound per stage and control rate on a datasheet GPU, e.g. "
+        "jetson-agx-orin-64gb, jetson-thor (comma list; 'list' shows the table and its sources)",
+    )
+    info.add_argument(
+        "--weights",
+        default="bf16,int8,int4",
+        help="weight formats for --target (weight-only: int8/int4 change bytes, not the math)",
+    )
+    # keep=None: --target then projects dense + 50/25/12.5%, or dense + the --keep comma list.
+    info.set_defaults(fn=cmd_info, keep=None)
 
     ev = sub.add_parser(
         "eval",
