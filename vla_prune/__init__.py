@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from .config import PruneConfig
+from .config import EngineConfig, PruneConfig
 from .models.checkpoints import CheckpointError
 from .policy import Policy, StepResult
 from .preprocess import InputError
 
 __all__ = [
     "CheckpointError",
+    "EngineConfig",
     "InputError",
     "Policy",
     "PruneConfig",

@@ -22,7 +22,7 @@ import torch
 
 from .caching.dit_cache import CacheConfig, DiTFeatureCache
 from .caching.dit_cache import forward as dit_forward
-from .config import PruneConfig
+from .config import EngineConfig, PruneConfig
 from .models.cogact import CogACTConfig, CogACTModel, DDIMSampler, SamplingConfig, guided_eps
 from .models.openvla import unnormalize
 from .policy import HeadOutput, Policy
@@ -86,6 +86,7 @@ class CogACTPolicy(Policy):
         skip_layers: Sequence[int] | None = None,
         cache: CacheConfig | None = None,
         sampling: SamplingConfig | None = None,
+        engine: EngineConfig | None = None,
     ) -> CogACTPolicy:
         """Policy.configure plus the DiT feature cache and the sampling / ensemble settings.
 
@@ -99,7 +100,7 @@ class CogACTPolicy(Policy):
             _check_sampling(sampling, self.config)
             if not reset and sampling.ensemble_horizon != self.sampling.ensemble_horizon:
                 raise ValueError("changing the ensemble horizon needs reset=True")
-        super().configure(prune, unnorm_key, reset, skip_layers)
+        super().configure(prune, unnorm_key, reset, skip_layers, engine)
         if cache is not None:
             self.cache_config = cache
         if sampling is not None:

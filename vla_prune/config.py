@@ -96,6 +96,31 @@ class PruneConfig:
         return self.window if self.warmup is None else self.warmup
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs, beside what it prunes.
+
+    compile: the static-shape decode step (engine/static_decode.py) compiled with
+        torch.compile (inductor on CPU, CUDA graphs on a GPU); False = the eager engine.
+    weights: "fp32" (as loaded) | "bf16" (the whole model) | "int8" (bf16, with int8
+        weight-only linears in the LLM's decoder layers; engine/weights.py). A conversion
+        only goes down in precision: load the policy again to go back.
+    """
+
+    compile: bool = False
+    weights: str = "fp32"
+
+    def __post_init__(self):
+        from .engine.weights import WEIGHT_FORMATS
+
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"EngineConfig.compile must be a bool, got {self.compile!r}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(
+                f"EngineConfig.weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}"
+            )
+
+
 T = TypeVar("T")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PruneConfig
+from .config import EngineConfig, PruneConfig
 from .engine.runner import LlamaEngine, PrefillContext, PruneDecision
 from .models.openvla import ActionTokenizer, build_prompt, unnormalize
 from .models.prismatic import OpenVLAModel
@@ -84,6 +84,11 @@ class Policy:
         self.unnorm_key = self._check_unnorm_key(unnorm_key)
         self.prune_config = PruneConfig()
         self._pruner = make_pruner(self.prune_config)
+        from .engine.weights import weight_format
+
+        fmt = weight_format(self.model)  # a model loaded in bf16 is a bf16 engine already
+        known = fmt in ("fp32", "bf16", "int8")  # else e.g. fp16: as loaded, named fp32
+        self.engine_config = EngineConfig(weights=fmt if known else "fp32")
         self.reset()
 
     # -- configuration ------------------------------------------------------------------------
@@ -119,13 +124,17 @@ class Policy:
         unnorm_key: str | None = None,
         reset: bool = True,
         skip_layers: Sequence[int] | None = None,
+        engine: EngineConfig | None = None,
     ) -> Policy:
-        """Set the pruning configuration, dataset statistics and/or LLM layers to skip.
+        """Set the pruning configuration, dataset statistics, LLM layers to skip and/or how the
+        engine runs (compiled decode, weight format).
 
         reset=False keeps the episode's temporal history (a latency controller changing the
-        budget mid-episode); otherwise this starts a new episode, like reset().
+        budget or the engine mid-episode); otherwise this starts a new episode, like reset().
         skip_layers: decoder layers not run at all (see vla_prune.caching.layer_skip); () = none.
         """
+        if engine is not None:
+            self._set_engine(engine)
         if skip_layers is not None:
             self.engine.skip_layers = self._check_skips(skip_layers, prune or self.prune_config)
         elif prune is not None:
@@ -141,6 +150,18 @@ class Policy:
         if reset:
             self.reset()
         return self
+
+    def _set_engine(self, engine: EngineConfig) -> None:
+        if not isinstance(engine, EngineConfig):
+            raise TypeError(f"engine must be an EngineConfig, got {type(engine).__name__}")
+        if engine == self.engine_config:
+            return
+        from .engine.weights import convert_weights
+
+        convert_weights(self.model, engine.weights)  # ValueError if it would go back up
+        self.engine.use_static_decode(engine.compile, compile=engine.compile)
+        self.engine.cache = None  # dtype or capacity may have changed
+        self.engine_config = engine
 
     def _check_skips(self, skips: Sequence[int], prune: PruneConfig) -> frozenset[int]:
         n = self.config.num_layers

@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM
 from .attention_probe import attention_from_queries, attention_rows, to_visual
 from .kv_cache import KVCache
 from .rope import apply_rope
+from .static_decode import StaticDecoder
 
 
 @dataclass
@@ -88,6 +89,17 @@ class LlamaEngine:
         self.next_pos: torch.Tensor | None = None
         self.probe_ms = 0.0
         self.skip_layers: frozenset[int] = frozenset()  # decoder layers not run at all
+        # The static-shape decode step (static_decode.py); None = the eager decode below.
+        self.static: StaticDecoder | None = None
+
+    def use_static_decode(self, enabled: bool, compile: bool = False) -> None:
+        """Decode with whole-cache attention at a fixed cache capacity (compiled if asked);
+        the eager decode stays the reference it is tested against."""
+        if not enabled:
+            self.static = None
+            return
+        self.static = StaticDecoder(self.lm, compile=compile)
+        self.cache = None  # reallocate at the static capacity
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -139,6 +151,11 @@ class LlamaEngine:
         return to_visual(attn, self.cache, layer, self.num_visual)
 
     def _ensure_cache(self, batch: int, max_len: int, like: torch.Tensor):
+        if self.static is not None:
+            # One capacity for every budget and instruction: room for 128 text + action rows
+            # past the visual tokens, in steps of 64; a longer prompt grows it (a recompile).
+            max_len = max(max_len, -(-(self.num_visual + 1 + 128) // 64) * 64)
+            max_len = -(-max_len // 64) * 64
         if self.cache is None or not self.cache.fits(batch, max_len, like.dtype, like.device):
             self.cache = KVCache(
                 len(self.layers),
@@ -219,6 +236,8 @@ class LlamaEngine:
                 continue
             h = self._layer(i, h, cos, sin, mask, start=0)
         self.next_pos = pos[:, -1] + 1
+        if self.static is not None:
+            self.static.begin(cache)
         self.last_context = ctx
         self.last_output = h  # [B, T', D] the last layer's output (before the final norm)
         self.probe_ms = 0.0  # time the decode steps spend in the attention probe
@@ -240,6 +259,15 @@ class LlamaEngine:
         # are then read by nobody, and the residual stream just passes those layers.
         for g in set(cache.group):
             cache.append_row(g, pos[:, 0])
+        if self.static is not None:
+            logits, probs = self.static.step(cache, h, pos, self.skip_layers, probe_layer)
+            probe = None
+            if probs is not None:  # the step computed it; mapping columns to tokens is all
+                t0 = self.clock()
+                probe = to_visual(probs[:, :, None], cache, probe_layer, self.num_visual)[:, :, 0]
+                self.probe_ms += (self.clock() - t0) * 1e3
+            self.next_pos = self.next_pos + 1
+            return logits, probe
         cos, sin = self._rotary(h, pos)
         probe = None
         for i in range(len(self.layers)):

@@ -1,0 +1,154 @@
+"""The static-shape decode step (engine/static_decode.py) against the eager engine.
+
+Eager stays the reference: static (whole-cache attention with a validity mask, fused
+projections) and compiled must give identical action tokens and logits within fp32 round-off,
+over pruning budgets, instruction lengths, batches with left padding and a layer-skip set —
+and the compiled one with a single compilation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vla_prune
+from tests.conftest import INSTRUCTIONS, random_image, tiny_policy
+from tests.test_engine_exact import assert_logits_close
+
+CONFIGS = [
+    vla_prune.PruneConfig(),
+    vla_prune.PruneConfig(method="fastv", keep_ratio=0.5),
+    vla_prune.PruneConfig(method="fastv", keep_count=16),
+    vla_prune.PruneConfig(method="vla-pruner", keep_ratio=0.25, warmup=1),
+]
+
+
+def _decode_logits(policy, images, instructions):
+    """The prefill's logits and each decode step's, for the greedy tokens: [B, 7, V]."""
+    out = []
+    engine = policy.engine
+    prefill, decode = engine.prefill, engine.decode
+
+    def spy_prefill(*a, **kw):
+        logits, kept = prefill(*a, **kw)
+        out.append(logits.clone())
+        return logits, kept
+
+    def spy_decode(*a, **kw):
+        logits, probe = decode(*a, **kw)
+        out.append(logits.clone())
+        return logits, probe
+
+    engine.prefill, engine.decode = spy_prefill, spy_decode
+    try:
+        results = policy.step_batch(images, instructions)
+    finally:
+        engine.prefill, engine.decode = prefill, decode
+    return results, torch.stack(out, dim=1)
+
+
+def _episode(policy, cfg, skip=None, steps=3, batch=1):
+    policy.configure(prune=cfg, skip_layers=skip)
+    out = []
+    for t in range(steps):
+        images = [random_image(10 * t + i) for i in range(batch)]
+        instructions = [INSTRUCTIONS[(t + i) % len(INSTRUCTIONS)] for i in range(batch)]
+        out.append(_decode_logits(policy, images, instructions))
+    return out
+
+
+def _same(got, want):
+    for (r_got, l_got), (r_want, l_want) in zip(got, want):
+        for a, b in zip(r_got, r_want):
+            assert np.array_equal(a.action_tokens, b.action_tokens)
+            assert a.kept_visual_tokens == b.kept_visual_tokens
+            if b.action_scores is not None:  # the decode-time probe VLA-Pruner feeds on
+                np.testing.assert_allclose(a.action_scores, b.action_scores, rtol=1e-4, atol=1e-7)
+        assert_logits_close(l_got, l_want)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_decode_equals_eager(batch):
+    eager, static = tiny_policy(0), tiny_policy(0)
+    static.engine.use_static_decode(True, compile=False)
+    for cfg in CONFIGS:
+        _same(_episode(static, cfg, batch=batch), _episode(eager, cfg, batch=batch))
+    _same(_episode(static, CONFIGS[1], skip=[2]), _episode(eager, CONFIGS[1], skip=[2]))
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_with_one_compilation():
+    """Budgets, instruction lengths (INSTRUCTIONS differ in length) and a layer-skip set:
+    identical tokens, logits within round-off, and dynamo compiles exactly one graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = tiny_policy(0), tiny_policy(0)
+    compiled.configure(engine=vla_prune.EngineConfig(compile=True))
+    for cfg in CONFIGS:
+        _same(_episode(compiled, cfg, skip=[3]), _episode(eager, cfg, skip=[3]))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_static_capacity_is_fixed_across_budgets_and_prompts():
+    """The static cache has one shape for every budget and instruction (what lets one graph
+    serve them all); a prompt that does not fit grows it instead of failing."""
+    p = tiny_policy(0)
+    p.engine.use_static_decode(True)
+    shapes = set()
+    for cfg in CONFIGS:
+        p.configure(prune=cfg)
+        for s, ins in enumerate(INSTRUCTIONS):
+            p.step(random_image(s), ins)
+            shapes.add(tuple(p.engine.cache.k[0].shape))
+    assert len(shapes) == 1
+    long = " ".join(["red"] * 185)  # more text rows than the capacity reserves
+    p.step(random_image(0), long)
+    assert p.engine.cache.k[0].shape[2] > next(iter(shapes))[2]
+
+
+def test_engine_config_validates_and_weights_only_go_down():
+    with pytest.raises(ValueError, match="weights must be one of"):
+        vla_prune.EngineConfig(weights="int4")
+    with pytest.raises(ValueError, match="compile must be a bool"):
+        vla_prune.EngineConfig(compile="yes")
+    p = tiny_policy(0)
+    p.configure(engine=vla_prune.EngineConfig(weights="int8"))
+    assert p.engine_config.weights == "int8"
+    with pytest.raises(ValueError, match="load the policy again"):
+        p.configure(engine=vla_prune.EngineConfig(weights="fp32"))
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_fewer_weight_bytes_agree_with_fp32_on_most_tokens(weights):
+    """bf16 / int8 change the numbers (that is the trade); they must stay close: logits within
+    a few percent of their range and most action tokens equal. Agreement on real policies is
+    measured by bench/engine_speed.py, not asserted here."""
+    ref, low = tiny_policy(0), tiny_policy(0)
+    low.configure(engine=vla_prune.EngineConfig(weights=weights))
+    if weights == "int8":
+        from vla_prune.engine.weights import Int8Linear
+
+        layer = low.model.language_model.model.layers[0]
+        assert isinstance(layer.self_attn.q_proj, Int8Linear)
+        assert layer.self_attn.q_proj.weight_int8.dtype == torch.int8
+    agree = total = 0
+    for s, ins in enumerate(INSTRUCTIONS):
+        (r_ref,), l_ref = _decode_logits(ref, [random_image(s)], [ins])
+        (r_low,), _ = _decode_logits(low, [random_image(s)], [ins])
+        agree += int((r_ref.action_tokens == r_low.action_tokens).sum())
+        total += r_ref.action_tokens.size
+        assert r_low.actions.dtype == np.float32
+    assert agree / total >= 0.5, f"{weights}: {agree}/{total} tokens agree with fp32"
+
+
+def test_int8_quantization_error_is_per_channel_bounded():
+    from vla_prune.engine.weights import quantize_int8
+
+    w = torch.randn(64, 32) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different size
+    q, s = quantize_int8(w)
+    err = (q.float() * s[:, None] - w).abs().amax(dim=1)
+    assert torch.all(err <= s / 2 + 1e-12)  # rounding: half a step of that row's own scale
+    assert q.abs().max() <= 127
