@@ -28,7 +28,8 @@ class PolicyNodeParams:
     warmup_steps: int = 2  # untimed steps at configure (lazy init, allocator)
     # Acceleration at the slowest level, in the run-spec grammar (vla_prune/runspec.py):
     # method@keep (keep = visual tokens kept when there is headroom) [+cacheN] [+skip[i,j]];
-    # "dense" = no acceleration levels. The controller lowers the keep count under load.
+    # +compile, +bf16 / +int8 (engine settings; they apply at configure); "dense" = no
+    # acceleration levels. The controller lowers the keep count under load.
     accel: str = "vla-pruner@1.0"
     min_keep_tokens: int = 32  # quality floor: the controller never keeps fewer tokens
     # -- latency budget and control --
@@ -196,6 +197,10 @@ def updated_policy_params(
             return None, err
         if configured and name not in POLICY_RUNTIME:
             return None, f"{name} applies at configure: deactivate and clean up first"
+        if configured and name == "accel":
+            old, now = accel_spec(p.accel), accel_spec(value)
+            if (old.compile, old.weights) != (now.compile, now.weights):
+                return None, "accel's +compile / +bf16 / +int8 apply at configure"
         setattr(new, name, value)
     if new.budget_relax >= new.budget_target:
         return None, "budget_relax must be below budget_target"

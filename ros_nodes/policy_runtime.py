@@ -91,7 +91,11 @@ class PolicyRuntime:
         prune = spec.prune
         if prune.method != "none":
             prune = dataclasses.replace(prune, keep_ratio=None, keep_count=level.keep_count)
-        kw: dict[str, Any] = {"prune": prune, "skip_layers": list(spec.skip_layers)}
+        kw: dict[str, Any] = {
+            "prune": prune,
+            "skip_layers": list(spec.skip_layers),
+            "engine": spec.engine(),  # fp32 eager unless the spec says +compile / +bf16 / +int8
+        }
         if hasattr(self.policy, "cache_config"):  # CogACT: the DiT cache is part of the spec
             from vla_prune.caching import CacheConfig
 

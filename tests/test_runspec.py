@@ -92,3 +92,25 @@ def test_one_string_means_the_same_in_every_consumer():
         make_configs(policy, ("fastv@two",))
     with pytest.raises(ValueError, match="eval needs the layers themselves"):
         parse_runs("fastv@0.25+skip2")
+
+
+def test_engine_parts_and_their_defaults():
+    import vla_prune
+    from sim.eval.config import parse_runs
+    from vla_prune.benchmark import make_configs
+
+    s = parse_run_spec("vla-pruner@0.25+int8+compile")
+    assert (s.compile, s.weights) == (True, "int8")
+    assert s.engine() == vla_prune.EngineConfig(compile=True, weights="int8")
+    # what the spec leaves open comes from the caller's default (--compile / --weights)
+    default = vla_prune.EngineConfig(compile=True, weights="bf16")
+    assert parse_run_spec("fastv@0.5").engine(default) == default
+    assert parse_runs("fastv@0.5+int8")[0].weights == "int8"
+    with pytest.raises(ValueError, match="repeats"):
+        parse_run_spec("fastv@0.5+int8+bf16")
+    # bench: an int8 configuration runs on a converted copy; the caller's model stays fp32
+    policy = vla_prune.build_policy("tiny-openvla", seed=0)
+    dense, low = make_configs(policy, ("dense", "dense+int8"))
+    assert dense.runner.model is policy.model and low.runner.model is not policy.model
+    assert low.runner.engine_config.weights == "int8"
+    assert policy.engine_config.weights == "fp32"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import EngineConfig
 from .policy import Policy
 from .profiling import machine_info
 from .reference import ReferencePipeline
@@ -50,18 +51,33 @@ class BenchConfig:
     warmup: int  # steps before timing (vla-pruner prunes after its temporal warm-up)
 
 
-def _fresh(policy: Policy) -> Policy:
-    """Another Policy on the same model: its own history, noise streams and KV cache."""
-    return type(policy)(policy.model, policy.tokenizer, policy.norm_stats, policy.unnorm_key)
+def _fresh(policy: Policy, models: dict | None = None, weights: str | None = None) -> Policy:
+    """Another Policy on the same model: its own history, noise streams and KV cache. With
+    another weight format, on a converted copy of the model (shared by every configuration of
+    that format: converting is one-way, so the original must stay as it is)."""
+    model = policy.model
+    if weights is not None and weights != policy.engine_config.weights:
+        if weights not in models:
+            import copy
+
+            from .engine.weights import convert_weights
+
+            models[weights] = copy.deepcopy(policy.model)
+            convert_weights(models[weights], weights)
+        model = models[weights]
+    return type(policy)(model, policy.tokenizer, policy.norm_stats, policy.unnorm_key)
 
 
-def make_configs(policy: Policy, labels: tuple[str, ...], images=()) -> list[BenchConfig]:
+def make_configs(
+    policy: Policy, labels: tuple[str, ...], images=(), engine: EngineConfig | None = None
+) -> list[BenchConfig]:
     """Labels: reference | reference+attn | any spec of the run-spec grammar
     (vla_prune.runspec), e.g. vla-pruner@0.25, fastv@64, cache5+vla-pruner@0.25+skip2;
-    skipN picks the N least influential LLM layers, calibrated on the bench images."""
+    skipN picks the N least influential LLM layers, calibrated on the bench images; `engine` is
+    the EngineConfig of configurations that name none (+compile, +bf16, +int8)."""
     from .runspec import bad_spec, parse_run_spec
 
-    out = []
+    out, models = [], {}
     for label in labels:
         if label in ("reference", "reference+attn"):  # +attn: output_attentions, as upstream
             ref = ReferencePipeline(_fresh(policy), "eager", label.endswith("+attn"))
@@ -70,7 +86,8 @@ def make_configs(policy: Policy, labels: tuple[str, ...], images=()) -> list[Ben
         spec = parse_run_spec(label)
         if spec.blind or spec.ensemble:
             raise bad_spec(label, "bench times the step itself: blind/ensemble do not apply")
-        p, kw = _fresh(policy), {}
+        eng = spec.engine(engine or policy.engine_config)
+        p, kw = _fresh(policy, models, eng.weights), {"engine": eng}
         if spec.cache is not None:
             from .caching import CacheConfig
 
@@ -90,11 +107,17 @@ def make_configs(policy: Policy, labels: tuple[str, ...], images=()) -> list[Ben
     return out
 
 
-def run_bench(policy: Policy, labels=DEFAULT_CONFIGS, steps: int = 10, seed: int = 0) -> list[dict]:
+def run_bench(
+    policy: Policy,
+    labels=DEFAULT_CONFIGS,
+    steps: int = 10,
+    seed: int = 0,
+    engine: EngineConfig | None = None,
+) -> list[dict]:
     size = policy.config.image_size
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
-    configs = make_configs(policy, tuple(labels), images)
+    configs = make_configs(policy, tuple(labels), images, engine)
     instruction = "put the green cylinder on the purple plate"
     timings: dict[str, list[dict]] = {c.label: [] for c in configs}
     kept: dict[str, list[int]] = {c.label: [] for c in configs}

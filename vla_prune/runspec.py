@@ -11,6 +11,8 @@ parse their strings here, so one string means the same thing everywhere.
            | "skip[" i ("," i)* "]"         skip exactly these LLM layers
            | "ensemble"                     CogACT: adaptive action ensemble
            | "blind"                        honesty control: the policy sees a gray frame
+           | "compile"                      the compiled static-shape decode (EngineConfig)
+           | "fp32" | "bf16" | "int8"       weight format (EngineConfig.weights)
     keep  := an int (a token count) | a float in (0, 1] (a ratio) | a percentage ("25%")
 
 A list of specs is comma-separated (`split_specs`); commas inside `skip[...]` do not split.
@@ -23,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PruneConfig, load_yaml
+from .config import EngineConfig, PruneConfig, load_yaml
 
-GRAMMAR = "[label=]method@keep[+cacheN][+skipN|+skip[i,j]][+ensemble][+blind]"
+GRAMMAR = (
+    "[label=]method@keep[+cacheN][+skipN|+skip[i,j]][+compile][+bf16|+int8][+ensemble][+blind]"
+)
+WEIGHTS = ("fp32", "bf16", "int8")
 DENSE_ALIASES = ("dense", "none")
 _SKIP_LIST = re.compile(r"skip\[([\d,\s]*)\]")
 _COUNTED = re.compile(r"(cache|skip)(\d+)")
@@ -42,6 +47,16 @@ class RunSpec:
     skip_count: int | None = None  # or: this many, chosen by block-influence calibration
     ensemble: bool = False
     blind: bool = False
+    compile: bool | None = None  # None: the caller's default (e.g. --compile)
+    weights: str | None = None  # None: the caller's default (e.g. --weights)
+
+    def engine(self, default: EngineConfig | None = None) -> EngineConfig:
+        """The EngineConfig this spec asks for, filling what it leaves open from `default`."""
+        d = default or EngineConfig()
+        return EngineConfig(
+            compile=d.compile if self.compile is None else self.compile,
+            weights=d.weights if self.weights is None else self.weights,
+        )
 
 
 def bad_spec(spec: str, reason: str) -> ValueError:
@@ -118,8 +133,10 @@ def parse_run_spec(spec: str) -> RunSpec:
             if n < 1:
                 raise bad_spec(spec, f"{m.group(1)} needs N >= 1, got {n}")
             key, value = ("cache", n) if m.group(1) == "cache" else ("skip_count", n)
-        elif part in ("ensemble", "blind"):
+        elif part in ("ensemble", "blind", "compile"):
             key, value = part, True
+        elif part in WEIGHTS:
+            key, value = "weights", part
         else:
             key, value = "prune", _prune_part(part, spec)
         slot = "skip" if key.startswith("skip") else key  # skipN and skip[..] exclude each other

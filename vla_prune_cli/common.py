@@ -32,6 +32,16 @@ def run_spec_from(args):
     return parse_run_spec(f"{args.pruner}@{args.keep}")
 
 
+def engine_from(args):
+    """The run spec's +compile / +bf16 / +int8, else --compile / --weights."""
+    from vla_prune import EngineConfig
+
+    default = EngineConfig(
+        compile=bool(getattr(args, "compile", False)), weights=getattr(args, "weights", "fp32")
+    )
+    return run_spec_from(args).engine(default)
+
+
 def prune_config_from(args):
     spec = run_spec_from(args)
     if args.layer is not None:

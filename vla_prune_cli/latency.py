@@ -10,6 +10,7 @@ import torch
 
 from .common import (
     DTYPES,
+    engine_from,
     load_policy_arg,
     prune_config_from,
     require_sim,
@@ -195,7 +196,8 @@ def cmd_profile(args) -> int:
         from vla_prune.caching import CacheConfig
 
         kw["cache"] = CacheConfig(interval=cache, enabled=True)
-    policy.configure(prune=prune, skip_layers=skips, **kw)
+    engine = engine_from(args)
+    policy.configure(prune=prune, skip_layers=skips, engine=engine, **kw)
     rng = np.random.default_rng(args.seed)
     size = policy.config.image_size
     cuda = torch.device(args.device).type == "cuda"
@@ -221,7 +223,8 @@ def cmd_profile(args) -> int:
         f"policy {policy.config.name} | pruner {prune.method} keep {n_kept}/"
         f"{policy.config.num_patches} | skip {sorted(skips or [])} | {args.steps} steps | "
         f"device {args.device} "
-        f"{args.dtype} | threads {torch.get_num_threads()}"
+        f"{args.dtype} | engine compile={engine.compile} weights={engine.weights} | "
+        f"threads {torch.get_num_threads()}"
     )
     nbytes = bound = None
     if args.roofline:
@@ -261,6 +264,7 @@ def cmd_profile(args) -> int:
         "flops": stage_flops,
         "flops_per_layer": {"prefill": flops.prefill_layers, "decode": flops.decode_layers},
         "skip_layers": sorted(skips or []),
+        "engine": {"compile": engine.compile, "weights": engine.weights},
         "bytes": nbytes,
         "roofline_ms": bound,
         "timings_ms": timings,
@@ -390,7 +394,7 @@ def cmd_bench(args) -> int:
     policy = load_policy_arg(args.policy, args.device, args.dtype, args.seed)
     default = COGACT_CONFIGS if policy.prefill_output == "hidden" else DEFAULT_CONFIGS
     labels = tuple(split_specs(args.configs)) if args.configs else default
-    rows = run_bench(policy, labels, steps=args.steps, seed=args.seed)
+    rows = run_bench(policy, labels, steps=args.steps, seed=args.seed, engine=engine_from(args))
     command = "vla-prune " + " ".join(sys.argv[1:])
     print(format_markdown(rows, f"{args.policy} ({args.device}, {args.dtype})"))
     stem = write_results(

@@ -21,6 +21,22 @@ def _suites() -> str:
     return " | ".join(list_suites())
 
 
+def engine_flags(sp: argparse.ArgumentParser, default: bool | None = False) -> None:
+    """--compile / --weights: the EngineConfig of every configuration that names none."""
+    sp.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="compiled static-shape decode step (torch.compile; CUDA graphs on a GPU)",
+    )
+    sp.add_argument(
+        "--weights",
+        default=None if default is None else "fp32",
+        choices=("fp32", "bf16", "int8"),
+        help="weight format: fp32 | bf16 | int8 (int8 weight-only LLM linears, bf16 elsewhere)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vla-prune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes moved and roofline bound per stage (peaks measured on CPU)",
     )
     prof.add_argument("--skip-file", default=None, help="JSON from `vla-prune calibrate`")
+    engine_flags(prof)
     prof.set_defaults(fn=cmd_profile)
 
     bench = sub.add_parser("bench", help="reference vs ours, dense and pruned, side by side")
@@ -77,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=1)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", default=None, help="results folder (default bench/results)")
+    engine_flags(bench)
     bench.set_defaults(fn=cmd_bench)
 
     cal = sub.add_parser("calibrate", help="choose LLM layers to skip by block influence")
@@ -143,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
     ev.add_argument("--device", default=None, help="cpu | cuda")
+    engine_flags(ev, default=None)
     ev.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(fn=cmd_eval)

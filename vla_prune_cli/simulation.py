@@ -89,6 +89,8 @@ def cmd_eval(args) -> int:
         warmup=args.warmup,
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
+        weights=args.weights,
     )
     workers = min(cfg.workers, len(cfg.runs), os.cpu_count() or 1)  # never more than cores
     if workers > 1:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from vla_prune.config import PruneConfig, from_dict, load_yaml
+from vla_prune.runspec import WEIGHTS
 
 # Fields whose change makes earlier episodes incomparable: resuming across them is refused.
 IDENTITY_FIELDS = (
@@ -37,6 +38,8 @@ IDENTITY_FIELDS = (
     "device",
     "dtype",
     "threads",
+    "compile",
+    "weights",
 )
 
 
@@ -57,8 +60,13 @@ class RunConfig:
     # CogACT only: adaptive action ensemble, one action per control step (CogACT's own
     # deployment) instead of executing each 16-step chunk open loop.
     ensemble: bool = False
+    # Engine settings (vla_prune.EngineConfig); None = the evaluation's default.
+    compile: bool | None = None
+    weights: str | None = None
 
     def __post_init__(self):
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise ValueError(f"configuration {self.label!r}: weights must be one of {WEIGHTS}")
         if self.cache is not None and (
             not isinstance(self.cache, int) or isinstance(self.cache, bool) or self.cache < 1
         ):
@@ -75,6 +83,10 @@ class RunConfig:
             d["skip_layers"] = list(self.skip_layers)
         if self.ensemble:
             d["ensemble"] = True
+        if self.compile is not None:
+            d["compile"] = self.compile
+        if self.weights is not None:
+            d["weights"] = self.weights
         return d
 
 
@@ -95,6 +107,8 @@ class EvalConfig:
     warmup: int = 2  # untimed policy steps per configuration before its first episode
     device: str = "cpu"
     dtype: str = "float32"
+    compile: bool = False  # default engine of every configuration that names none (+compile)
+    weights: str = "fp32"  # default weight format: fp32 | bf16 | int8 (+bf16, +int8)
     env: dict[str, Any] = field(default_factory=dict)  # extra make_env kwargs (image_size, ...)
 
     def __post_init__(self):
@@ -121,6 +135,8 @@ class EvalConfig:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
 
     @property
     def seeds(self) -> list[int]:
@@ -174,6 +190,8 @@ def parse_run_spec(spec: str, policy: str | None = None) -> RunConfig:
         cache=s.cache,
         skip_layers=s.skip_layers,
         ensemble=s.ensemble,
+        compile=s.compile,
+        weights=s.weights,
     )
 
 
@@ -185,7 +203,10 @@ def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
         return parse_run_spec(entry)
     if not isinstance(entry, dict) or "label" not in entry:
         raise ValueError(f"{source}: configuration {entry!r} needs a label (or be a spec string)")
-    keys = {"label", "policy", "prune", "blind", "cache", "skip_layers", "ensemble"}
+    keys = {
+        "label", "policy", "prune", "blind", "cache", "skip_layers", "ensemble", "compile",
+        "weights",
+    }
     unknown = sorted(set(entry) - keys)
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown} in configuration {entry['label']!r}")
@@ -207,6 +228,8 @@ def run_from_entry(entry: Any, source: str = "config") -> RunConfig:
         cache=entry.get("cache"),
         skip_layers=tuple(skips),
         ensemble=bool(entry.get("ensemble", False)),
+        compile=entry.get("compile"),
+        weights=entry.get("weights"),
     )
 
 

@@ -146,10 +146,23 @@ def _median_p99(values: list[float]) -> dict[str, float]:
     return {"median": round(stats["median"], 3), "p99": round(stats["p99"], 3)}
 
 
-def configure_run(policy, run: RunConfig):
-    """Apply a configuration's pruning, layer skipping and (CogACT) DiT caching; a policy is
-    shared by the configurations that name it, so every setting is set, none inherited."""
+def run_engine(run: RunConfig, cfg: EvalConfig):
+    """The configuration's EngineConfig: its own +compile / +bf16 / +int8, else the eval's."""
+    from vla_prune import EngineConfig
+
+    return EngineConfig(
+        compile=cfg.compile if run.compile is None else run.compile,
+        weights=cfg.weights if run.weights is None else run.weights,
+    )
+
+
+def configure_run(policy, run: RunConfig, engine=None):
+    """Apply a configuration's pruning, layer skipping, engine and (CogACT) DiT caching; a
+    policy is shared by the configurations that name it, so every setting is set, none
+    inherited."""
     kw: dict[str, Any] = {"prune": run.prune, "skip_layers": run.skip_layers}
+    if engine is not None:
+        kw["engine"] = engine
     if hasattr(policy, "cache_config"):  # CogACT
         interval = run.cache or policy.cache_config.interval
         kw["cache"] = CacheConfig(interval=interval, enabled=run.cache is not None)
@@ -284,11 +297,13 @@ def run_eval(
 
     def policy_for(run: RunConfig, env, seed: int):
         name = run.policy or cfg.policy
-        if name not in policies:
-            policies[name] = load_eval_policy(
+        engine = run_engine(run, cfg)
+        key = (name, engine.weights)  # converted weights don't go back: one policy per format
+        if key not in policies:
+            policies[key] = load_eval_policy(
                 name, cfg.unnorm_key, cfg.suite, device=cfg.device, dtype=cfg.dtype
             )
-        policy = configure_run(policies[name], run)
+        policy = configure_run(policies[key], run, engine)
         if run.label not in warm:
             # Untimed steps on the episode's own first observation: lazy initialisation and
             # allocator warm-up would otherwise land in whichever configuration runs first.
@@ -332,6 +347,7 @@ def run_eval(
                     "cache": run.cache,
                     "skip_layers": list(run.skip_layers),
                     "ensemble": run.ensemble,
+                    **dataclasses.asdict(run_engine(run, cfg)),  # compile, weights
                     "video": video,
                 }
                 writer.write(record)
