@@ -152,3 +152,22 @@ def test_int8_quantization_error_is_per_channel_bounded():
     err = (q.float() * s[:, None] - w).abs().amax(dim=1)
     assert torch.all(err <= s / 2 + 1e-12)  # rounding: half a step of that row's own scale
     assert q.abs().max() <= 127
+
+
+def test_reset_slot_restarts_one_slot_as_slot_zero_of_a_fresh_policy():
+    """Batched rollouts: an episode that starts in slot 1 mid-run gets the history and random
+    streams an episode alone in a fresh policy gets (random pruning makes that visible)."""
+    cfg = vla_prune.PruneConfig(method="random", keep_ratio=0.25)
+    alone = tiny_policy(0).configure(prune=cfg)
+    want = [alone.step(random_image(s), INSTRUCTIONS[0]).kept_indices for s in range(3)]
+    batched = tiny_policy(0).configure(prune=cfg)
+    batched.step_batch([random_image(9)] * 2, [INSTRUCTIONS[1]] * 2)  # slot 1 has a past
+    batched.reset_slot(1)
+    got = [
+        batched.step_batch([random_image(9), random_image(s)], [INSTRUCTIONS[1], INSTRUCTIONS[0]])[
+            1
+        ].kept_indices
+        for s in range(3)
+    ]
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b)

@@ -114,6 +114,12 @@ class CogACTPolicy(Policy):
         self._ensemblers: list[AdaptiveEnsembler] = []
         self._noise: list[torch.Generator] = []
 
+    def reset_slot(self, i: int) -> None:
+        super().reset_slot(i)  # also creates the slot's noise stream and ensembler if missing
+        s = self.sampling
+        self._noise[i] = torch.Generator().manual_seed(s.seed * 1_000_003)  # slot 0's stream
+        self._ensemblers[i] = AdaptiveEnsembler(s.ensemble_horizon, s.ensemble_alpha)
+
     def _slots(self, n: int):
         super()._slots(n)
         s = self.sampling

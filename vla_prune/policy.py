@@ -187,6 +187,15 @@ class Policy:
         self._steps: list[int] = []
         self._rngs: list[np.random.Generator] = []
 
+    def reset_slot(self, i: int) -> None:
+        """New episode in batch slot i only (batched rollouts whose episodes end at different
+        steps). The slot starts from the same streams as slot 0 of a fresh policy, so an
+        episode's outcome does not depend on which slot it runs in."""
+        self._slots(i + 1)
+        self._histories[i] = ActionScoreHistory(self.prune_config.window)
+        self._steps[i] = 0
+        self._rngs[i] = np.random.default_rng([self.prune_config.seed, 0])
+
     def _slots(self, n: int):
         while len(self._histories) < n:
             self._histories.append(ActionScoreHistory(self.prune_config.window))
