@@ -66,7 +66,8 @@ def test_vit_uses_second_to_last_block():
         vit.blocks[2].mlp.fc2.weight.add_(1.0)  # last block: never run
         vit.norm.weight.add_(1.0)  # final norm: not applied
         assert torch.equal(vit(x), out)
-        vit.blocks[1].ls2.scale_factor.add_(1.0)  # second-to-last block: its output is what we return
+        # second-to-last block: its output is what we return
+        vit.blocks[1].ls2.scale_factor.add_(1.0)
         assert not torch.allclose(vit(x), out)
 
 

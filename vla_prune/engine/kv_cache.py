@@ -70,6 +70,15 @@ class KVCache:
         self.rows_len[group] = at + 1
         return at
 
+    def describe_decode_rows(self, group: int, pos: torch.Tensor) -> None:
+        """Metadata of the decode rows to come, all at once: positions pos [B, n] (text rows,
+        always valid), right after the group's current rows; rows_len is advanced per token by
+        whoever writes them (the static decode step)."""
+        at, n = self.rows_len[group], pos.shape[1]
+        self.pos[group][:, at : at + n] = pos
+        self.valid[group][:, at : at + n] = True
+        self.vis[group][:, at : at + n] = -1
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]
         self.k[layer][:, :, start:end] = k

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from .attention_probe import attention_from_queries, attention_rows, to_visual
+from .functional import prefill_layer
 from .kv_cache import KVCache
 from .rope import apply_rope
 from .static_decode import StaticDecoder
@@ -91,15 +92,20 @@ class LlamaEngine:
         self.skip_layers: frozenset[int] = frozenset()  # decoder layers not run at all
         # The static-shape decode step (static_decode.py); None = the eager decode below.
         self.static: StaticDecoder | None = None
+        self._prefill_fn = None  # with `static`: the functional prefill layer (functional.py)
 
     def use_static_decode(self, enabled: bool, compile: bool = False) -> None:
         """Decode with whole-cache attention at a fixed cache capacity (compiled if asked);
         the eager decode stays the reference it is tested against."""
+        self.cache = None  # reallocate (at the static capacity)
+        self._prefill_fn = None
         if not enabled:
             self.static = None
             return
         self.static = StaticDecoder(self.lm, compile=compile)
-        self.cache = None  # reallocate at the static capacity
+        # The prefill runs the same fused weights; its row count varies with the budget and the
+        # prompt, so its graph is compiled with dynamic shapes (one graph for all of them).
+        self._prefill_fn = torch.compile(prefill_layer, dynamic=True) if compile else prefill_layer
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -234,10 +240,24 @@ class LlamaEngine:
                 ctx.hidden_in[i], ctx.positions_in[i] = h, pos
             if i in self.skip_layers:  # calibrated layer skipping: the residual stream passes
                 continue
-            h = self._layer(i, h, cos, sin, mask, start=0)
+            if self._prefill_fn is None:
+                h = self._layer(i, h, cos, sin, mask, start=0)
+                continue
+            h, k, v = self._prefill_fn(
+                h,
+                cos,
+                sin,
+                self.static.weights[i],
+                self.static.eps,
+                self.num_heads,
+                self.kv_heads,
+                self.kv_heads != self.num_heads,
+                mask,
+            )
+            cache.write(i, 0, k, v)
         self.next_pos = pos[:, -1] + 1
         if self.static is not None:
-            self.static.begin(cache)
+            self.static.begin(cache, self.next_pos, max_new_tokens)
         self.last_context = ctx
         self.last_output = h  # [B, T', D] the last layer's output (before the final norm)
         self.probe_ms = 0.0  # time the decode steps spend in the attention probe
@@ -253,14 +273,8 @@ class LlamaEngine:
         new token at `probe_layer`, or None)."""
         cache = self.cache
         pos = self.next_pos[:, None]
-        h = self.lm.model.embed_tokens(token_ids[:, None])
-        # Each row-metadata group gets the new row once. A group may have no layer that runs
-        # (skip_layers covering every layer from the pruning point on, or all layers): its rows
-        # are then read by nobody, and the residual stream just passes those layers.
-        for g in set(cache.group):
-            cache.append_row(g, pos[:, 0])
         if self.static is not None:
-            logits, probs = self.static.step(cache, h, pos, self.skip_layers, probe_layer)
+            logits, probs = self.static.step(cache, token_ids, pos, self.skip_layers, probe_layer)
             probe = None
             if probs is not None:  # the step computed it; mapping columns to tokens is all
                 t0 = self.clock()
@@ -268,6 +282,12 @@ class LlamaEngine:
                 self.probe_ms += (self.clock() - t0) * 1e3
             self.next_pos = self.next_pos + 1
             return logits, probe
+        h = self.lm.model.embed_tokens(token_ids[:, None])
+        # Each row-metadata group gets the new row once. A group may have no layer that runs
+        # (skip_layers covering every layer from the pruning point on, or all layers): its rows
+        # are then read by nobody, and the residual stream just passes those layers.
+        for g in set(cache.group):
+            cache.append_row(g, pos[:, 0])
         cos, sin = self._rotary(h, pos)
         probe = None
         for i in range(len(self.layers)):

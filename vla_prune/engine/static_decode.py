@@ -25,26 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .functional import layer_weights, linear, rms_norm, weight_of
 from .kv_cache import KVCache
 from .rope import apply_rope
-from .weights import int8_matmul
 
 log = logging.getLogger(__name__)
-
-# One linear's weights: a float matrix [out, in], or int8 weight-only (int8 [out, in],
-# per-output-channel scales [out]) — see weights.py.
-Linear = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
-    return int8_matmul(x, *w) if isinstance(w, tuple) else F.linear(x, w)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm, op for op (fp32 statistics, cast back before the weight)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def decode_layer(h, cos, sin, k_cache, v_cache, mask, at, w, eps: float, num_heads: int):
@@ -78,48 +63,32 @@ def decode_layer(h, cos, sin, k_cache, v_cache, mask, at, w, eps: float, num_hea
     return h, probs[:, :, 0]
 
 
-def decode_token(h, cos, sin, k_caches, v_caches, masks, ats, weights, head, eps, num_heads):
-    """Every layer that runs (the lists hold only those), then the final norm and lm_head.
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype):
+    """LlamaRotaryEmbedding.forward, op for op: pos [B, T] -> cos, sin [B, T, hd]."""
+    freqs = pos[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def decode_token(
+    token_ids, pos, embed_w, rope, k_caches, v_caches, masks, ats, weights, head, eps, num_heads
+):
+    """Embed the new tokens [B] at positions pos [B, 1], run every layer that runs (the lists
+    hold only those), then the final norm and lm_head.
     Returns (logits [B, V] fp32, attention probabilities [layers, B, H, S])."""
+    h = F.embedding(token_ids[:, None], embed_w)
+    cos, sin = rope_cos_sin(pos, rope[0], rope[1], h.dtype)
     probs = []
     for k, v, m, at, w in zip(k_caches, v_caches, masks, ats, weights):
         h, p = decode_layer(h, cos, sin, k, v, m, at, w, eps, num_heads)
         probs.append(p)
         at.add_(1)
     norm_w, lm_w = head
-    logits = linear(rms_norm(h[:, -1], norm_w, eps), lm_w).float()
+    x = rms_norm(h[:, -1], norm_w, eps)
+    if isinstance(lm_w, torch.Tensor):
+        x = x.to(lm_w.dtype)  # the head may run in fp32 on a CPU (see StaticDecoder)
+    logits = linear(x, lm_w).float()
     return logits, torch.stack(probs) if probs else h.new_zeros(0)
-
-
-def _weight(module: torch.nn.Module) -> Linear:
-    if getattr(module, "bias", None) is not None:
-        raise ValueError("the static decode step supports bias-free linears (Llama) only")
-    if hasattr(module, "weight_int8"):  # weights.Int8Linear
-        return (module.weight_int8, module.scales)
-    return module.weight
-
-
-def _fuse(*ws: Linear) -> Linear:
-    """Stack linears that read the same input into one [sum(out), in] matmul."""
-    if all(isinstance(w, tuple) for w in ws):
-        return (torch.cat([w[0] for w in ws]), torch.cat([w[1] for w in ws]))
-    if any(isinstance(w, tuple) for w in ws):
-        raise ValueError("cannot fuse int8 and float linears")
-    return torch.cat(ws)
-
-
-def layer_weights(layer: torch.nn.Module) -> tuple:
-    """The tensors `decode_layer` takes, from a transformers LlamaDecoderLayer (fused copies of
-    q/k/v and gate/up: the engine's decode weights cost one extra copy of those matrices)."""
-    a, m = layer.self_attn, layer.mlp
-    return (
-        layer.input_layernorm.weight,
-        _fuse(_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)),
-        _weight(a.o_proj),
-        layer.post_attention_layernorm.weight,
-        _fuse(_weight(m.gate_proj), _weight(m.up_proj)),
-        _weight(m.down_proj),
-    )
 
 
 class StaticDecoder:
@@ -143,15 +112,27 @@ class StaticDecoder:
             # dynamic=False: one shape (the cache capacity) -> one graph; CUDA graphs on a GPU.
             mode = "reduce-overhead" if self.cuda else None
             self._fn = torch.compile(decode_token, fullgraph=True, dynamic=False, mode=mode)
-        self._weights = [layer_weights(layer) for layer in lm.model.layers]
-        self._head = (lm.model.norm.weight, _weight(lm.lm_head))
+        rotary = lm.model.rotary_emb
+        if "dynamic" in str(getattr(rotary, "rope_type", "default")):
+            raise ValueError("static decode needs a fixed RoPE (inv_freq), not dynamic scaling")
+        self._rope = (rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
+        self._embed = lm.model.embed_tokens.weight
+        self.weights = [layer_weights(layer) for layer in lm.model.layers]
+        head = weight_of(lm.lm_head)
+        if not self.cuda and isinstance(head, torch.Tensor) and head.dtype != torch.float32:
+            # A CPU's bf16 GEMV is ~3x slower than fp32 (oneDNN): the vocabulary projection,
+            # one GEMV per token, runs on an fp32 copy (also: argmax on fp32 logits).
+            head = head.float()
+        self._head = (lm.model.norm.weight, head)
         self.masks: list[torch.Tensor] = []
         self.at: list[torch.Tensor] = []
         self._static_cache: KVCache | None = None
 
-    def begin(self, cache: KVCache) -> None:
+    def begin(self, cache: KVCache, next_pos: torch.Tensor, max_new: int) -> None:
         """Masks and write positions from the cache right after a prefill (in place, so the
-        compiled graph and CUDA graphs see the same buffers step after step)."""
+        compiled graph and CUDA graphs see the same buffers step after step), and the row
+        metadata of the `max_new` decode rows to come (positions next_pos [B] + j), written
+        once here instead of once per token."""
         dev = cache.k[0].device
         if self._static_cache is not cache:
             self._static_cache = cache
@@ -165,34 +146,39 @@ class StaticDecoder:
             self.masks[i].zero_()
             self.masks[i][:, :n] = cache.valid[cache.group[i]][:, :n]
             self.at[i].fill_(n)
+        new = next_pos[:, None] + torch.arange(max_new, device=dev)
+        for g in set(cache.group):
+            cache.describe_decode_rows(g, new)
 
     def step(
         self,
         cache: KVCache,
-        h: torch.Tensor,
+        token_ids: torch.Tensor,
         pos: torch.Tensor,
         skip_layers: frozenset[int],
         probe_layer: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h [B, 1, D] embedded new tokens at positions pos [B, 1] -> (logits [B, V], attention
-        probabilities [B, H, S] at `probe_layer` or None)."""
-        cos, sin = self.lm.model.rotary_emb(h, pos)
-        run = [i for i in range(len(self._weights)) if i not in skip_layers]
+        """New tokens [B] at positions pos [B, 1] -> (logits [B, V], attention probabilities
+        [B, H, S] at `probe_layer` or None)."""
+        run = [i for i in range(len(self.weights)) if i not in skip_layers]
         logits, probs = self._fn(
-            h,
-            cos,
-            sin,
+            token_ids,
+            pos,
+            self._embed,
+            self._rope,
             [cache.k[i] for i in run],
             [cache.v[i] for i in run],
             [self.masks[i] for i in run],
             [self.at[i] for i in run],
-            [self._weights[i] for i in run],
+            [self.weights[i] for i in run],
             self._head,
             self.eps,
             self.num_heads,
         )
         for i in run:
             cache.length[i] += 1
+        for g in set(cache.group):
+            cache.rows_len[g] += 1  # their metadata was written by begin()
         if probe_layer is None or probe_layer not in run:
             return logits, None
         return logits, probs[run.index(probe_layer)]
