@@ -39,6 +39,8 @@ def engine_from(args):
     default = EngineConfig(
         compile=bool(getattr(args, "compile", False)), weights=getattr(args, "weights", "fp32")
     )
+    if not hasattr(args, "pruner"):  # bench: each of its --configs names its own
+        return default
     return run_spec_from(args).engine(default)
 
 

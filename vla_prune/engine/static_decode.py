@@ -91,6 +91,14 @@ def decode_token(
     return logits, torch.stack(probs) if probs else h.new_zeros(0)
 
 
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
 class StaticDecoder:
     """Decode steps over a KVCache with whole-cache attention; optionally compiled.
 
@@ -124,6 +132,9 @@ class StaticDecoder:
             # one GEMV per token, runs on an fp32 copy (also: argmax on fp32 logits).
             head = head.float()
         self._head = (lm.model.norm.weight, head)
+        if self.cuda and compile:  # CUDA graphs copy non-static inputs on every replay
+            for t in _tensors((self._embed, self._rope[0], self.weights, self._head)):
+                torch._dynamo.mark_static_address(t)
         self.masks: list[torch.Tensor] = []
         self.at: list[torch.Tensor] = []
         self._static_cache: KVCache | None = None
