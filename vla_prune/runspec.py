@@ -11,7 +11,7 @@ parse their strings here, so one string means the same thing everywhere.
            | "skip[" i ("," i)* "]"         skip exactly these LLM layers
            | "ensemble"                     CogACT: adaptive action ensemble
            | "blind"                        honesty control: the policy sees a gray frame
-           | "compile"                      the compiled static-shape decode (EngineConfig)
+           | "compile" | "eager"            the compiled static-shape engine, or the eager one
            | "fp32" | "bf16" | "int8"       weight format (EngineConfig.weights)
     keep  := an int (a token count) | a float in (0, 1] (a ratio) | a percentage ("25%")
 
@@ -28,7 +28,8 @@ from typing import Any
 from .config import EngineConfig, PruneConfig, load_yaml
 
 GRAMMAR = (
-    "[label=]method@keep[+cacheN][+skipN|+skip[i,j]][+compile][+bf16|+int8][+ensemble][+blind]"
+    "[label=]method@keep[+cacheN][+skipN|+skip[i,j]][+compile|+eager][+fp32|+bf16|+int8]"
+    "[+ensemble][+blind]"
 )
 WEIGHTS = ("fp32", "bf16", "int8")
 DENSE_ALIASES = ("dense", "none")
@@ -133,8 +134,10 @@ def parse_run_spec(spec: str) -> RunSpec:
             if n < 1:
                 raise bad_spec(spec, f"{m.group(1)} needs N >= 1, got {n}")
             key, value = ("cache", n) if m.group(1) == "cache" else ("skip_count", n)
-        elif part in ("ensemble", "blind", "compile"):
+        elif part in ("ensemble", "blind"):
             key, value = part, True
+        elif part in ("compile", "eager"):
+            key, value = "compile", part == "compile"
         elif part in WEIGHTS:
             key, value = "weights", part
         else:

@@ -98,6 +98,7 @@ def test_parse_runs_specs():
     assert from_file.label == "vla-pruner-12" and from_file.prune.keep_ratio == 0.125
     from_eval_yaml = parse_runs(str(REPO / "configs/eval/embedded.yaml"))
     assert [r.label for r in from_eval_yaml] == [
+        "dense-eager-fp32",
         "dense",
         "vla-pruner@0.25",
         "fastv@0.25",
@@ -260,9 +261,18 @@ def test_eval_config_from_yaml_and_overrides():
     assert cfg.suite == "embedded" and cfg.tasks == ("press", "push", "pick_place", "stack")
     assert cfg.policy == "embedded-openvla" and cfg.unnorm_key == "embedded"
     methods = [r.prune.method for r in cfg.runs]
-    assert methods == ["none", "vla-pruner", "fastv", "none", "vla-pruner"]
-    assert [r.policy for r in cfg.runs[3:]] == ["embedded-cogact"] * 2
-    assert cfg.runs[4].cache == 5 and cfg.runs[4].ensemble and cfg.workers == 2
+    assert methods == ["none", "none", "vla-pruner", "fastv", "none", "vla-pruner"]
+    assert [r.policy for r in cfg.runs[4:]] == ["embedded-cogact"] * 2
+    assert cfg.runs[5].cache == 5 and cfg.runs[5].ensemble and cfg.workers == 2
+    # the fast engine by default; the reference row names the eager fp32 engine itself
+    from sim.eval.runner import run_engine
+
+    engines = {(e.compile, e.weights) for e in (run_engine(r, cfg) for r in cfg.runs[1:])}
+    assert engines == {(True, "int8")}
+    assert (run_engine(cfg.runs[0], cfg).compile, run_engine(cfg.runs[0], cfg).weights) == (
+        False,
+        "fp32",
+    )
     cfg = load_eval_config(REPO / "configs/eval/embedded.yaml", episodes=3, policy="x")
     assert (cfg.episodes, cfg.policy, cfg.seeds) == (3, "x", [0, 1, 2])
     assert dataclasses.replace(cfg, seed=5).seeds == [5, 6, 7]
