@@ -172,3 +172,20 @@ def test_reset_slot_restarts_one_slot_as_slot_zero_of_a_fresh_policy():
     ]
     for a, b in zip(got, want):
         assert np.array_equal(a, b)
+
+
+def test_cogact_compiled_prefill_equals_eager_and_int8_keeps_the_head_fp32_on_cpu():
+    """CogACT runs one prefill and a DiT: the compiled prefill gives the eager one's cognition
+    feature (within round-off), hence the same seeded action chunk; int8 leaves the DiT fp32."""
+    from tests.conftest import tiny_cogact
+
+    eager, compiled = tiny_cogact(0), tiny_cogact(0)
+    compiled.configure(engine=vla_prune.EngineConfig(compile=True))
+    for s in range(2):
+        a = eager.step(random_image(s), INSTRUCTIONS[s])
+        b = compiled.step(random_image(s), INSTRUCTIONS[s])
+        # DDIM from identical noise: chunk values move with the feature's round-off only
+        np.testing.assert_allclose(b.normalized_actions, a.normalized_actions, atol=1e-4)
+    low = tiny_cogact(0).configure(engine=vla_prune.EngineConfig(weights="int8"))
+    assert next(low.model.action_model.parameters()).dtype == torch.float32
+    assert low.step(random_image(0), INSTRUCTIONS[0]).actions.shape == (16, 7)

@@ -98,8 +98,9 @@ def weight_format(model: nn.Module) -> str:
 
 def convert_weights(model: nn.Module, fmt: str) -> None:
     """Convert `model` in place: fp32 (as loaded), bf16 (everything), or int8 (bf16 everywhere,
-    int8 weight-only linears in the LLM's decoder layers). Conversions only go down in
-    precision: the fp32 originals are not kept (reload the checkpoint to go back)."""
+    int8 weight-only linears in the LLM's decoder layers). On a CPU a diffusion action head
+    (CogACT's DiT) stays fp32. Conversions only go down in precision: the fp32 originals are not
+    kept (reload the checkpoint to go back)."""
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {fmt!r}")
     now = weight_format(model)
@@ -115,3 +116,8 @@ def convert_weights(model: nn.Module, fmt: str) -> None:
         n = quantize_llm_linears(model.language_model)
         log.info("int8 weight-only: %d LLM linears quantized (per output channel)", n)
     model.to(dtype=torch.bfloat16)  # float tensors only: int8 weights stay int8
+    head = getattr(model, "action_model", None)
+    if head is not None and not next(head.parameters()).is_cuda:
+        # A diffusion head's matmuls are tiny (16 action tokens): a CPU runs them no faster in
+        # bf16 (measured slower with the DiT cache), so it keeps fp32 there.
+        head.float()
