@@ -157,7 +157,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="processes running whole configurations side by side (e.g. one per core)",
+        help="local: processes running whole configurations side by side (e.g. one per core); "
+        "ray: worker actors, each taking one episode (or wave) at a time",
+    )
+    ev.add_argument(
+        "--backend",
+        default=None,
+        choices=("local", "ray"),
+        help="where episodes run: this machine's processes, or Ray actors (pip install -e "
+        "'.[ray]'); the records are the same, and either backend resumes the other's OUT",
+    )
+    ev.add_argument(
+        "--ray-address",
+        default=None,
+        help="ray: a running cluster (auto, ray://head:10001, head:6379); default: start one here",
+    )
+    ev.add_argument(
+        "--envs-per-worker",
+        type=int,
+        default=None,
+        help="ray: episodes a worker runs in lockstep, answered by one batched policy call",
+    )
+    ev.add_argument(
+        "--gpus-per-worker", type=float, default=None, help="ray: e.g. 1, or 0.5 (two a GPU)"
+    )
+    ev.add_argument("--cpus-per-worker", type=float, default=None, help="ray (default 1)")
+    ev.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        help="ray: re-runs of an episode whose worker died (default 3)",
     )
     ev.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
     ev.add_argument("--device", default=None, help="cpu | cuda")

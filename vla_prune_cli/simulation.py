@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from .common import load_policy_arg, prune_config_from, require_sim
@@ -91,9 +93,25 @@ def cmd_eval(args) -> int:
         dtype=args.dtype,
         compile=args.compile,
         weights=args.weights,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        envs_per_worker=args.envs_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        max_retries=args.max_retries,
     )
-    workers = min(cfg.workers, len(cfg.runs), os.cpu_count() or 1)  # never more than cores
-    if workers > 1:
+    workers = min(cfg.workers, len(cfg.runs), os.cpu_count() or 1)  # local: never more than cores
+    if cfg.backend == "ray":  # workers are actors on the cluster's resources
+        if importlib.util.find_spec("ray") is None:
+            print(
+                "vla-prune eval --backend ray needs Ray: pip install -e '.[ray]'",
+                file=sys.stderr,
+            )
+            return 2
+        from sim.eval.ray_backend import run_eval_ray
+
+        summary = run_eval_ray(cfg, progress=not args.quiet)
+    elif workers > 1:
         from sim.eval.parallel import run_eval_parallel
 
         summary = run_eval_parallel(cfg, workers, progress=not args.quiet)

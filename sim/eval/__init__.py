@@ -7,8 +7,9 @@
     report("runs/eval/demo")     # re-build the summary from the jsonl alone
 
 Modules: config (EvalConfig, RunConfig, --configs specs), runner (the loop, resume, video),
-records (the jsonl layout), stats (Wilson intervals, pooled latency), summary (table, markdown,
-plot, report()).
+parallel (local worker processes), ray_backend (Ray actors, batched waves, retries), records
+(the jsonl layout), stats (Wilson intervals, pooled latency), summary (table, markdown, plot,
+report()).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _EXPORTS = {
     "parse_run_spec": "sim.eval.config",
     "parse_runs": "sim.eval.config",
     "run_eval": "sim.eval.runner",
+    "run_eval_ray": "sim.eval.ray_backend",
     "load_eval_policy": "sim.eval.runner",
     "read_episodes": "sim.eval.records",
     "summarize_episodes": "sim.eval.stats",

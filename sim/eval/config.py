@@ -40,7 +40,11 @@ IDENTITY_FIELDS = (
     "threads",
     "compile",
     "weights",
+    "budget_ms",
+    "budget_quality",
+    "budget_min_keep",
 )
+BACKENDS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,21 @@ class EvalConfig:
     compile: bool = False  # default engine of every configuration that names none (+compile)
     weights: str = "fp32"  # default weight format: fp32 | bf16 | int8 (+bf16, +int8)
     env: dict[str, Any] = field(default_factory=dict)  # extra make_env kwargs (image_size, ...)
+    # Latency budget in simulation (sim/eval/budget.py): > 0 runs each configuration through
+    # the ROS node's controller over its measured levels, a step over budget executed as the
+    # safe action; 0 = off. budget_quality: an eval summary ranking the levels ("" = by their
+    # levers); budget_min_keep: the quality floor, a fraction of the visual tokens.
+    budget_ms: float = 0.0
+    budget_quality: str = ""
+    budget_min_keep: float = 0.25
+    # Where episodes run; none of these changes an episode's record, so a run may resume on
+    # another backend. local: this process (or `workers` processes); ray: sim/eval/ray_backend.py
+    backend: str = "local"
+    envs_per_worker: int = 1  # ray: episodes a worker steps in lockstep (one step_batch call)
+    ray_address: str | None = None  # ray: "auto", "ray://host:10001", host:port; None = start one
+    cpus_per_worker: float = 1.0  # ray: resources each worker actor reserves
+    gpus_per_worker: float = 0.0  # ray: e.g. 1, or 0.5 for two workers per GPU
+    max_retries: int = 3  # ray: re-runs of an episode whose worker died (crash, node loss)
 
     def __post_init__(self):
         if isinstance(self.tasks, str):
@@ -137,6 +156,23 @@ class EvalConfig:
             raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if not (self.budget_ms >= 0 and 0.0 <= self.budget_min_keep <= 1.0):
+            raise ValueError("budget_ms must be >= 0 and budget_min_keep in [0, 1]")
+        if self.budget_ms > 0 and self.backend != "local":
+            raise ValueError("budget_ms needs backend local (sim/eval/budget.py)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.envs_per_worker, int) or self.envs_per_worker < 1:
+            raise ValueError(f"envs_per_worker must be an int >= 1, got {self.envs_per_worker!r}")
+        if self.envs_per_worker > 1 and self.backend != "ray":
+            raise ValueError(
+                "envs_per_worker > 1 needs backend ray (--backend ray; no --ray-address starts "
+                "a local Ray)"
+            )
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ValueError("cpus_per_worker and gpus_per_worker must be >= 0")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
 
     @property
     def seeds(self) -> list[int]:
@@ -277,7 +313,10 @@ def load_eval_config(path: str | Path, **overrides: Any) -> EvalConfig:
 
 def check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
     """Refuse to mix episodes of different setups in one OUT dir (ValueError naming fields)."""
-    diffs = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in IDENTITY_FIELDS if old.get(k) != new[k]]
+    # A field added after `old` was written compares as its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig)}
+    before = {k: old.get(k, defaults.get(k)) for k in IDENTITY_FIELDS}
+    diffs = [f"{k}: {before[k]!r} -> {new[k]!r}" for k in IDENTITY_FIELDS if before[k] != new[k]]
     old_runs = {r["label"]: r for r in old.get("runs", [])}
     for run in new["runs"]:
         prev = old_runs.get(run["label"])

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,47 +172,174 @@ def configure_run(policy, run: RunConfig, engine=None):
     return policy.configure(**kw)
 
 
+class Rollout:
+    """One episode on one env, step by step: the bookkeeping every backend shares (local, Ray,
+    batched), so an episode's record does not depend on which of them ran it.
+
+    blind: the policy gets a constant gray frame (the blind honesty control)."""
+
+    def __init__(self, env, seed: int, max_steps: int, video: bool = False, blind: bool = False):
+        self.obs, self.info = env.reset(seed=seed)
+        self.env, self.max_steps, self.video, self.blind = env, max_steps, video, blind
+        self.first, self.instruction = obs_hash(self.obs), self.obs["instruction"]
+        self.frames = [self.obs["image"]] if video else []
+        self.timings: list[dict[str, float]] = []
+        self.kept: list[int] = []
+        self.actions = hashlib.sha1()  # every executed action, float32 bytes in order
+        self.steps, self.done = 0, False
+        self._t0 = time.perf_counter()
+
+    def inputs(self) -> tuple[np.ndarray, str]:
+        """What the policy sees now: (image, instruction)."""
+        image = self.obs["image"]
+        return (np.full_like(image, 128) if self.blind else image), self.obs["instruction"]
+
+    def advance(self, result) -> bool:
+        """Execute a policy answer (the whole chunk; OpenVLA: one action); True once done."""
+        self.timings.append(result.timings_ms)
+        self.kept.append(result.kept_visual_tokens)
+        for action in result.actions:
+            self.actions.update(np.ascontiguousarray(action, dtype=np.float32).tobytes())
+            self.obs, _, terminated, truncated, self.info = self.env.step(action)
+            self.steps += 1
+            if self.video:
+                self.frames.append(self.obs["image"])
+            if terminated or truncated or self.steps >= self.max_steps:
+                self.done = True
+                break
+        return self.done
+
+    def finish(self) -> dict[str, Any]:
+        """The record fields measured here (+ frames)."""
+        stages = list(dict.fromkeys(s for t in self.timings for s in t))
+        step_ms = {s: [round(t[s], 3) for t in self.timings if s in t] for s in stages}
+        return {
+            "success": bool(self.info.get("success", False)),
+            "steps": self.steps,
+            "policy_steps": len(self.timings),
+            "instruction": self.instruction,
+            "obs_hash": self.first,
+            "actions_hash": self.actions.hexdigest()[:16],
+            "kept_visual_tokens": float(np.mean(self.kept)),
+            "latency_ms": {s: _median_p99(x) for s, x in step_ms.items()},
+            "step_ms": step_ms,
+            "wall_s": round(time.perf_counter() - self._t0, 3),
+            "frames": self.frames,
+        }
+
+
 def run_episode(
     env, policy, seed: int, max_steps: int, video: bool = False, blind: bool = False
 ) -> dict[str, Any]:
     """One episode from env.reset(seed); returns the record fields measured here (+ frames).
 
     blind: the policy gets a constant gray frame (the blind honesty control)."""
-    obs, info = env.reset(seed=seed)
+    rollout = Rollout(env, seed, max_steps, video, blind)
     policy.reset()
-    first = obs_hash(obs)
-    instruction = obs["instruction"]
-    frames = [obs["image"]] if video else []
-    timings: list[dict[str, float]] = []
-    kept: list[int] = []
-    steps, done = 0, False
-    t0 = time.perf_counter()
-    while not done:
-        image = np.full_like(obs["image"], 128) if blind else obs["image"]
-        result = policy.step(image, obs["instruction"])
-        timings.append(result.timings_ms)
-        kept.append(result.kept_visual_tokens)
-        for action in result.actions:  # execute the whole chunk (OpenVLA: one action)
-            obs, _, terminated, truncated, info = env.step(action)
-            steps += 1
-            if video:
-                frames.append(obs["image"])
-            if terminated or truncated or steps >= max_steps:
-                done = True
-                break
-    stages = list(dict.fromkeys(s for t in timings for s in t))
-    step_ms = {s: [round(t[s], 3) for t in timings if s in t] for s in stages}
+    while not rollout.advance(policy.step(*rollout.inputs())):
+        pass
+    return rollout.finish()
+
+
+def run_wave(
+    policy,
+    envs: list,
+    seeds: list[int],
+    limits: list[int],
+    video: bool = False,
+    blind: bool = False,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """len(envs) episodes in lockstep, one `policy.step_batch` call per control step; yields
+    (slot, run_episode's fields) as each episode ends.
+
+    The episodes start together (a wave) and a slot whose episode ended sits out until the last
+    one ends: the engine prunes every slot of a call to one budget, so a fresh episode (in
+    VLA-Pruner's dense warm-up) cannot join slots that are already pruning. Each slot starts
+    from the state a lone episode starts from (`reset_slot`), so its answers are run_episode's.
+    """
+    rollouts = [Rollout(env, s, n, video, blind) for env, s, n in zip(envs, seeds, limits)]
+    for i in range(len(rollouts)):
+        reset_slot(policy, i)
+    while live := [i for i, r in enumerate(rollouts) if not r.done]:
+        # Slots are positional: call with every slot up to the last live one; a finished slot
+        # below it repeats its last observation and its answer is dropped.
+        inputs = [r.inputs() for r in rollouts[: live[-1] + 1]]
+        results = policy.step_batch([x[0] for x in inputs], [x[1] for x in inputs])
+        for i in live:
+            if rollouts[i].advance(results[i]):
+                yield i, rollouts[i].finish()
+
+
+# Policy attributes holding one entry per batch slot (vla_prune/policy.py, vla_prune/cogact.py).
+def reset_slot(policy, i: int) -> None:
+    """New episode in batch slot i only, from the state a lone episode starts from (empty
+    history, step 0, slot 0's random streams): Policy.reset_slot."""
+    policy.reset_slot(i)
+
+
+class EvalPolicies:
+    """An eval's policies: each loaded once (per weight format) and configured per
+    configuration, with `cfg.warmup` untimed steps before a configuration's first episode."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self._loaded: dict[tuple[str, str], Any] = {}
+        self._warm: set[str] = set()
+
+    def configured(self, run: RunConfig, env, seed: int):
+        cfg = self.cfg
+        name = run.policy or cfg.policy
+        engine = run_engine(run, cfg)
+        key = (name, engine.weights)  # converted weights don't go back: one policy per format
+        if key not in self._loaded:
+            self._loaded[key] = load_eval_policy(
+                name, cfg.unnorm_key, cfg.suite, device=cfg.device, dtype=cfg.dtype
+            )
+        policy = configure_run(self._loaded[key], run, engine)
+        if run.label not in self._warm:
+            # Untimed steps on the episode's own first observation: lazy initialisation and
+            # allocator warm-up would otherwise land in whichever configuration runs first.
+            obs, _ = env.reset(seed=seed)
+            for _ in range(cfg.warmup):
+                policy.step(obs["image"], obs["instruction"])
+            self._warm.add(run.label)
+        return policy
+
+
+def env_kwargs(cfg: EvalConfig) -> dict[str, Any]:
+    kw = dict(cfg.env)
+    if cfg.max_steps is not None:
+        kw["max_steps"] = cfg.max_steps  # suites take max_steps to move their own limit
+    return kw
+
+
+def video_fps(env) -> float:
+    return getattr(getattr(env, "config", None), "control_hz", 10.0)
+
+
+def video_stem(run: RunConfig, task: str, seed: int) -> Path:
+    """Where an episode's video goes, relative to OUT (the suffix is the encoder's)."""
+    return Path("videos") / _safe(run.label) / f"{task}_{seed}"
+
+
+def episode_record(
+    cfg: EvalConfig, run: RunConfig, task: str, seed: int, ep: dict[str, Any], video: str | None
+) -> dict[str, Any]:
+    """One episodes.jsonl line from run_episode's fields (without frames)."""
     return {
-        "success": bool(info.get("success", False)),
-        "steps": steps,
-        "policy_steps": len(timings),
-        "instruction": instruction,
-        "obs_hash": first,
-        "kept_visual_tokens": float(np.mean(kept)),
-        "latency_ms": {s: _median_p99(x) for s, x in step_ms.items()},
-        "step_ms": step_ms,
-        "wall_s": round(time.perf_counter() - t0, 3),
-        "frames": frames,
+        "label": run.label,
+        "suite": cfg.suite,
+        "task": task,
+        "seed": seed,
+        "episode": seed - cfg.seed,
+        **ep,
+        "policy": run.policy or cfg.policy,
+        "prune": prune_dict(run.prune),
+        "cache": run.cache,
+        "skip_layers": list(run.skip_layers),
+        "ensemble": run.ensemble,
+        **dataclasses.asdict(run_engine(run, cfg)),  # compile, weights
+        "video": video,
     }
 
 
@@ -292,30 +419,13 @@ def run_eval(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    policies: dict[str, Any] = {}
-    warm: set[str] = set()
+    policies = EvalPolicies(cfg)
+    budgets = None
+    if cfg.budget_ms > 0:
+        from sim.eval.budget import BudgetRuns
 
-    def policy_for(run: RunConfig, env, seed: int):
-        name = run.policy or cfg.policy
-        engine = run_engine(run, cfg)
-        key = (name, engine.weights)  # converted weights don't go back: one policy per format
-        if key not in policies:
-            policies[key] = load_eval_policy(
-                name, cfg.unnorm_key, cfg.suite, device=cfg.device, dtype=cfg.dtype
-            )
-        policy = configure_run(policies[key], run, engine)
-        if run.label not in warm:
-            # Untimed steps on the episode's own first observation: lazy initialisation and
-            # allocator warm-up would otherwise land in whichever configuration runs first.
-            obs, _ = env.reset(seed=seed)
-            for _ in range(cfg.warmup):
-                policy.step(obs["image"], obs["instruction"])
-            warm.add(run.label)
-        return policy
-
-    env_kw = dict(cfg.env)
-    if cfg.max_steps is not None:
-        env_kw["max_steps"] = cfg.max_steps  # suites take max_steps to move their own limit
+        budgets = BudgetRuns(cfg)
+    env_kw = env_kwargs(cfg)
     bar = Progress(total, total - len(todo), enabled=progress)
     env, env_task = None, None
     try:
@@ -325,31 +435,19 @@ def run_eval(
                     if env is not None:
                         env.close()
                     env, env_task = make_env(cfg.suite, task, **env_kw), task
-                policy = policy_for(run, env, seed)
                 limit = cfg.max_steps or env.max_episode_steps
-                ep = run_episode(env, policy, seed, limit, video=cfg.video, blind=run.blind)
+                if budgets is not None:  # the latency controller picks each step's level
+                    ep = budgets.run_episode(run, env, seed, limit, video=cfg.video)
+                else:
+                    policy = policies.configured(run, env, seed)
+                    ep = run_episode(env, policy, seed, limit, video=cfg.video, blind=run.blind)
                 frames = ep.pop("frames")
                 video = None
                 if frames:
                     root = Path(video_root) if video_root is not None else out
-                    path = root / "videos" / _safe(run.label) / f"{task}_{seed}"
-                    fps = getattr(getattr(env, "config", None), "control_hz", 10.0)
-                    video = str(save_video(frames, path, fps).relative_to(root))
-                record = {
-                    "label": run.label,
-                    "suite": cfg.suite,
-                    "task": task,
-                    "seed": seed,
-                    "episode": seed - cfg.seed,
-                    **ep,
-                    "policy": run.policy or cfg.policy,
-                    "prune": prune_dict(run.prune),
-                    "cache": run.cache,
-                    "skip_layers": list(run.skip_layers),
-                    "ensemble": run.ensemble,
-                    **dataclasses.asdict(run_engine(run, cfg)),  # compile, weights
-                    "video": video,
-                }
+                    path = save_video(frames, root / video_stem(run, task, seed), video_fps(env))
+                    video = str(path.relative_to(root))
+                record = episode_record(cfg, run, task, seed, ep, video)
                 writer.write(record)
                 if on_episode is not None:
                     on_episode(record)

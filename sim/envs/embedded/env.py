@@ -244,6 +244,11 @@ class EmbeddedEnv(LanguageConditionedEnv):
 
     def close(self) -> None:
         if self._renderer is not None:
+            # Free this renderer's GL objects in its own context: with another env's context
+            # current, close() would free that env's objects and it would render garbage.
+            context = getattr(self._renderer, "_gl_context", None)
+            if context is not None:
+                context.make_current()
             self._renderer.close()
             self._renderer = None
         _LIVE_ENVS.discard(self)
