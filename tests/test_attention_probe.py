@@ -67,8 +67,9 @@ def test_prefill_probe_matches_eager():
     embeds = _embeds(policy, random_image(3), "pick up the red block")
     t = embeds.shape[1]
     engine = policy.engine
-    engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, record_layers=(0, 1, 2, 3))
-    ctx = engine.last_context
+    ctx = engine.prefill(
+        embeds, torch.zeros(1, dtype=torch.long), 7, record_layers=(0, 1, 2, 3)
+    ).context
     lm = policy.model.language_model
     rows = torch.tensor([[t - 1, t - 5, 0, 100, 257]])  # last token, a text row, BOS, visual rows
     # layer 0: against the whole eager model (identical inputs)
@@ -92,12 +93,12 @@ def test_decode_probe_matches_eager():
         lambda mod, args: seen.append(args[0].clone())
     )
     try:
-        logits, _ = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7)
+        logits = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7).output
         tok = logits.argmax(-1)
-        _, probe0 = engine.decode(tok, probe_layer=0)  # [1, H, 256]
+        probe0 = engine.decode(tok, probe_layer=0).probe  # [1, H, 256]
         seen.clear()
         engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7)
-        _, probe2 = engine.decode(tok, probe_layer=2)
+        probe2 = engine.decode(tok, probe_layer=2).probe
     finally:
         handle.remove()
     full = torch.cat([embeds, lm.model.embed_tokens(tok[:, None])], dim=1)
@@ -114,14 +115,14 @@ def test_probe_after_pruning_zeroes_dropped_tokens():
     embeds = _embeds(policy, random_image(5), "press the yellow button")
     kept = torch.tensor(np.sort(np.random.default_rng(0).choice(256, 40, replace=False)))
     engine = policy.engine
-    logits, _ = engine.prefill(
+    logits = engine.prefill(
         embeds,
         torch.zeros(1, dtype=torch.long),
         7,
         prune_layer=1,
         prune_hook=lambda ctx: kept[None],
-    )
-    _, probe = engine.decode(logits.argmax(-1), probe_layer=3)
+    ).output
+    probe = engine.decode(logits.argmax(-1), probe_layer=3).probe
     dropped = torch.ones(256, dtype=torch.bool)
     dropped[kept] = False
     assert probe[..., dropped].abs().max().item() == 0.0
@@ -135,15 +136,14 @@ def test_prefill_probe_after_the_pruning_point():
     embeds = _embeds(policy, random_image(6), "press the yellow button")
     kept = torch.arange(0, 256, 4)
     engine = policy.engine
-    engine.prefill(
+    ctx = engine.prefill(
         embeds,
         torch.zeros(1, dtype=torch.long),
         7,
         prune_layer=1,
         prune_hook=lambda ctx: kept[None],
         record_layers=(3,),
-    )
-    ctx = engine.last_context
+    ).context
     assert ctx.hidden_in[3].shape[1] == embeds.shape[1] - 256 + 64
     got = ctx.attention(3, torch.tensor([[-1]]))[0, :, 0]  # [H, 256]
     # eager attention of layer 3 on the same (pruned) layer input, last row, kept columns
@@ -196,8 +196,7 @@ def test_off_by_one_position_or_wrong_head_fails_the_tolerance(wrong):
     embeds = _embeds(policy, random_image(3), "pick up the red block")
     t = embeds.shape[1]
     engine = policy.engine
-    engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, record_layers=(0, 2))
-    ctx = engine.last_context
+    ctx = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, record_layers=(0, 2)).context
     lm = policy.model.language_model
     rows = torch.tensor([[t - 1, t - 5, 100, 257]])  # last token, a text row, visual rows
     for layer in (0, 2):

@@ -63,9 +63,9 @@ def _engine_logits(policy, image, instruction):
     with torch.no_grad():
         embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
     engine = policy.engine
-    logits, _ = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7)
+    logits = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7).output
     out = [logits]
     for _ in range(6):
-        logits, _ = engine.decode(out[-1].argmax(-1))
+        logits = engine.decode(out[-1].argmax(-1)).logits
         out.append(logits)
     return torch.stack(out, dim=1)[0]

@@ -45,7 +45,7 @@ def test_flops_match_torch_counter_dense_and_pruned():
         f = step_flops(cfg, n_text, kept, k_layer)
         t_kept = t if kept is None else t - 256 + kept
         hook = None if kept is None else (lambda ctx, kept=kept: torch.arange(kept)[None])
-        got, (logits, _) = counted(
+        got, pre = counted(
             lambda k_layer=k_layer, hook=hook: engine.prefill(
                 embeds, torch.zeros(1, dtype=torch.long), 7, prune_layer=k_layer, prune_hook=hook
             )
@@ -53,11 +53,11 @@ def test_flops_match_torch_counter_dense_and_pruned():
         k = layers if k_layer is None else k_layer
         attn = 4 * d * (k * t * t + (layers - k) * t_kept * t_kept)
         assert got == f.stages["prefill"] + head - attn
-        tok = logits.argmax(-1)
+        tok = pre.output.argmax(-1)
 
         def decode(tok=tok):
             for _ in range(cfg.action_dim - 1):
-                lg, _ = engine.decode(tok)
+                lg = engine.decode(tok).logits
             return lg
 
         got, _ = counted(decode)

@@ -81,16 +81,17 @@ def test_pruned_equals_independent_reference(seed, k_layer):
     with torch.no_grad():
         embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
     engine = policy.engine
-    logits, got = engine.prefill(
+    pre = engine.prefill(
         embeds,
         torch.zeros(1, dtype=torch.long),
         7,
         prune_layer=k_layer,
         prune_hook=lambda ctx: torch.tensor(kept)[None],
     )
+    logits = pre.output
     ours = [logits[0]]
     for tok in ref_tokens[:-1]:
-        logits, _ = engine.decode(torch.tensor([tok]))
+        logits = engine.decode(torch.tensor([tok])).logits
         ours.append(logits[0])
     assert_logits_close(torch.stack(ours), ref_logits)
     # layers before K hold the whole prefill, layers from K on only the kept rows (+ decode)

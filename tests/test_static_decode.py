@@ -31,14 +31,14 @@ def _decode_logits(policy, images, instructions):
     prefill, decode = engine.prefill, engine.decode
 
     def spy_prefill(*a, **kw):
-        logits, kept = prefill(*a, **kw)
-        out.append(logits.clone())
-        return logits, kept
+        pre = prefill(*a, **kw)
+        out.append(pre.output.clone())
+        return pre
 
     def spy_decode(*a, **kw):
-        logits, probe = decode(*a, **kw)
-        out.append(logits.clone())
-        return logits, probe
+        step = decode(*a, **kw)
+        out.append(step.logits.clone())
+        return step
 
     engine.prefill, engine.decode = spy_prefill, spy_decode
     try:

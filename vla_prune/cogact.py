@@ -23,6 +23,7 @@ import torch
 from .caching.dit_cache import CacheConfig, DiTFeatureCache
 from .caching.dit_cache import forward as dit_forward
 from .config import EngineConfig, PruneConfig
+from .engine.runner import PrefillResult
 from .models.cogact import CogACTConfig, CogACTModel, DDIMSampler, SamplingConfig, guided_eps
 from .models.openvla import unnormalize
 from .policy import HeadOutput, Policy
@@ -142,16 +143,17 @@ class CogACTPolicy(Policy):
             layers = (*layers, act_layer)
         return layers
 
-    def _action_head(self, hidden: torch.Tensor, probe_layer: int | None) -> HeadOutput:
+    def _action_head(self, pre: PrefillResult, probe_layer: int | None) -> HeadOutput:
         """DDIM + CFG from per-slot seeded noise; with `probe_layer`, the cognition token's
         head-averaged attention to the visual tokens at that layer (pruned ones are 0)."""
+        hidden = pre.output
         b = hidden.shape[0]
-        scores = None
+        scores, probe_ms = None, 0.0
         if probe_layer is not None:
             t0 = self.engine.clock()  # synchronizes on a GPU: the probe pays for its own kernels
             rows = torch.full((b, 1), -1, dtype=torch.long, device=hidden.device)
-            scores = self.engine.last_context.attention(probe_layer, rows).mean(dim=1)[:, 0]
-            self.engine.probe_ms += (self.engine.clock() - t0) * 1e3
+            scores = pre.context.attention(probe_layer, rows).mean(dim=1)[:, 0]
+            probe_ms = (self.engine.clock() - t0) * 1e3
 
         net = self.model.action_model.net
         s = self.sampling
@@ -183,7 +185,7 @@ class CogACTPolicy(Policy):
             "dit_blocks_computed": np.full(b, computed),
             "dit_blocks_skipped": np.full(b, skipped),
         }
-        return HeadOutput(normalized, None, scores, extra)
+        return HeadOutput(normalized, None, scores, extra, probe_ms)
 
     def _unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         return unnormalize(normalized, self.norm_stats[self.unnorm_key]["action"])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, PruneConfig
-from .engine.runner import LlamaEngine, PrefillContext, PruneDecision
+from .engine.runner import LlamaEngine, PrefillContext, PrefillResult, PruneDecision
 from .models.openvla import ActionTokenizer, build_prompt, unnormalize
 from .models.prismatic import OpenVLAModel
 from .preprocess import InputError, image_to_pixels, validate_image, validate_instruction
@@ -49,6 +49,7 @@ class HeadOutput:
     action_tokens: np.ndarray | None = None  # [B, action_dim] (token-decoding heads)
     action_scores: torch.Tensor | None = None  # [B, N] action-level attention this step
     extra: dict[str, Any] = field(default_factory=dict)  # per-sample extras ([B, ...] each)
+    probe_ms: float = 0.0  # time spent on action_scores (charged to "prune", not the head)
 
 
 @dataclass
@@ -278,7 +279,7 @@ class Policy:
             return kept
 
         with timer.stage("prefill"):
-            last, kept = self.engine.prefill(
+            pre = self.engine.prefill(
                 embeds,
                 pad,
                 self.max_new_tokens,
@@ -287,12 +288,13 @@ class Policy:
                 record_layers=self._record_layers(sem_layer, act_layer),
                 output=self.prefill_output,
             )
+        kept = pre.kept
         with timer.stage(self.head_stage):
-            head = self._action_head(last, act_layer if "action" in needs else None)
-        # "prune" = scoring + selection: the hook at layer K and the attention probes after it.
-        timer.ms["prefill"] -= prune_ms[0]
-        timer.ms[self.head_stage] -= self.engine.probe_ms
-        timer.ms["prune"] = prune_ms[0] + self.engine.probe_ms
+            head = self._action_head(pre, act_layer if "action" in needs else None)
+        # "prune" = scoring + selection: the hook at layer K and the attention probes after it,
+        # each measured where it ran and moved out of the stage that contains it.
+        timer.move("prefill", "prune", prune_ms[0])
+        timer.move(self.head_stage, "prune", head.probe_ms)
         with timer.stage("post"):
             actions = self._postprocess(head.normalized)
             for i in range(b):
@@ -332,22 +334,23 @@ class Policy:
         """Layers whose prefill inputs the attention probe will need."""
         return (sem_layer,) if self._pruner.needs & {"semantic", "text_attention"} else ()
 
-    def _action_head(self, logits: torch.Tensor, probe_layer: int | None) -> HeadOutput:
+    def _action_head(self, pre: PrefillResult, probe_layer: int | None) -> HeadOutput:
         """Greedy decode of action_dim tokens (argmax over the whole vocabulary, as upstream).
 
         With `probe_layer`, also the action-level score: each decode query's attention to the
         visual tokens at that layer, averaged over heads and decode steps.
         """
-        tokens, probes = [logits.argmax(-1)], []
+        tokens, probes, probe_ms = [pre.output.argmax(-1)], [], 0.0
         for _ in range(self.config.action_dim - 1):
-            logits, probe = self.engine.decode(tokens[-1], probe_layer)
-            tokens.append(logits.argmax(-1))
-            if probe is not None:
-                probes.append(probe.mean(dim=1))  # heads -> [B, N]
+            step = self.engine.decode(tokens[-1], probe_layer)
+            tokens.append(step.logits.argmax(-1))
+            probe_ms += step.probe_ms
+            if step.probe is not None:
+                probes.append(step.probe.mean(dim=1))  # heads -> [B, N]
         token_ids = torch.stack(tokens, dim=1).cpu().numpy()
         normalized = self.action_tokenizer.decode(token_ids)[:, None]  # [B, 1, action_dim]
         scores = torch.stack(probes).mean(0) if probes else None
-        return HeadOutput(normalized, token_ids, scores)
+        return HeadOutput(normalized, token_ids, scores, probe_ms=probe_ms)
 
     def _postprocess(self, normalized: np.ndarray) -> np.ndarray:
         """[B, chunk, dim] in [-1, 1] -> robot actions (un-normalized with q01/q99)."""

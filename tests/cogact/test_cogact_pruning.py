@@ -76,11 +76,11 @@ def cognition_attention(policy, image, kept, act_layer):
         embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
     k_layer = policy.prune_config.resolve_layers(policy.config.num_layers)[0]
     hook = None if kept is None else (lambda ctx: torch.as_tensor(kept)[None])
-    policy.engine.prefill(
+    ctx = policy.engine.prefill(
         embeds, torch.zeros(1, dtype=torch.long), 0, k_layer, hook, (act_layer,), output="hidden"
-    )
+    ).context
     rows = torch.tensor([[-1]])
-    return policy.engine.last_context.attention(act_layer, rows).mean(dim=1)[0, 0].numpy()
+    return ctx.attention(act_layer, rows).mean(dim=1)[0, 0].numpy()
 
 
 def test_vla_pruner_action_score_is_cognition_attention_at_the_action_layer(policy):

@@ -30,11 +30,12 @@ def replay_action_scores(policy, image, instruction, kept, act_layer):
     engine = policy.engine
     k_layer = policy.prune_config.resolve_layers(policy.config.num_layers)[0]
     hook = None if kept is None else (lambda ctx: torch.as_tensor(kept)[None])
-    logits, _ = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, k_layer, hook)
+    logits = engine.prefill(embeds, torch.zeros(1, dtype=torch.long), 7, k_layer, hook).output
     probes = []
     tok = logits.argmax(-1)
     for _ in range(6):
-        logits, probe = engine.decode(tok, act_layer)
+        step = engine.decode(tok, act_layer)
+        logits, probe = step.logits, step.probe
         probes.append(probe.mean(dim=1))
         tok = logits.argmax(-1)
     return torch.stack(probes).mean(0)[0].numpy()
@@ -95,8 +96,9 @@ def test_keep_all_is_exactly_dense(method):
     with torch.no_grad():
         embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
     pad = torch.zeros(1, dtype=torch.long)
-    ref, _ = policy.engine.prefill(embeds, pad, 7)
-    got, kept = policy.engine.prefill(embeds, pad, 7, 1, lambda ctx: policy._select(ctx, 0, {}))
+    ref = policy.engine.prefill(embeds, pad, 7).output
+    pre = policy.engine.prefill(embeds, pad, 7, 1, lambda ctx: policy._select(ctx, 0, {}))
+    got, kept = pre.output, pre.kept
     assert kept is None and torch.equal(ref, got)
 
 
@@ -133,10 +135,10 @@ def test_sparsevlm_recycling_adds_one_merged_token():
         embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
     pad = torch.zeros(1, dtype=torch.long)
     kept = torch.as_tensor(plain.kept_indices)[None]
-    logits_plain, _ = policy.engine.prefill(embeds, pad, 7, k_layer, lambda ctx: kept)
-    logits_merged, _ = policy.engine.prefill(
+    logits_plain = policy.engine.prefill(embeds, pad, 7, k_layer, lambda ctx: kept).output
+    logits_merged = policy.engine.prefill(
         embeds, pad, 7, k_layer, lambda ctx: policy._select(ctx, k_layer - 1, {})
-    )
+    ).output
     assert (logits_plain - logits_merged).abs().max().item() > 1e-4
     # nothing dropped -> nothing merged
     policy.configure(prune=PruneConfig(method="sparsevlm", keep_ratio=1.0, recycle=True))

@@ -54,9 +54,9 @@ def record_influence(policy, steps: Iterable[tuple[np.ndarray, str]]) -> Influen
             inputs = policy.prepare(image, instruction)
             embeds = policy.model.embed_inputs(inputs["pixel_values"], inputs["input_ids"])
             pad = torch.zeros(1, dtype=torch.long, device=embeds.device)
-            engine.prefill(embeds, pad, 0, record_layers=range(n_layers), output="hidden")
-            hidden = engine.last_context.hidden_in
-            outs = [hidden[i + 1] for i in range(n_layers - 1)] + [engine.last_output]
+            pre = engine.prefill(embeds, pad, 0, record_layers=range(n_layers), output="hidden")
+            hidden = pre.context.hidden_in
+            outs = [hidden[i + 1] for i in range(n_layers - 1)] + [pre.last_hidden]
             for i in range(n_layers):
                 cos = torch.nn.functional.cosine_similarity(hidden[i], outs[i], dim=-1)
                 cos_sum[i] += float(cos.float().mean())

@@ -72,6 +72,25 @@ class PruneDecision:
     merged_pos: torch.Tensor | None = None  # [B] its RoPE position id
 
 
+@dataclass
+class PrefillResult:
+    """What a prefill computed: the head's input, the pruning choice and the context."""
+
+    output: torch.Tensor  # [B, V] last-position logits, or [B, D] final-norm hidden state
+    kept: torch.Tensor | None  # [B, k] kept visual indices, None = all kept
+    context: PrefillContext  # recorded layer inputs: the attention probe reads them
+    last_hidden: torch.Tensor  # [B, T', D] the last layer's output (before the final norm)
+
+
+@dataclass
+class DecodeStep:
+    """One decoded token per sample."""
+
+    logits: torch.Tensor  # [B, V] fp32
+    probe: torch.Tensor | None  # [B, H, N] the new token's visual attention at the probe layer
+    probe_ms: float = 0.0  # time spent turning it into per-token scores (the "prune" stage)
+
+
 # A hook gets the context at layer K and returns the kept visual indices [B, k] (sorted), a
 # PruneDecision, or None to keep everything.
 PruneHook = Callable[[PrefillContext], "torch.Tensor | PruneDecision | None"]
@@ -88,7 +107,6 @@ class LlamaEngine:
         self.num_visual = num_visual
         self.cache: KVCache | None = None
         self.next_pos: torch.Tensor | None = None
-        self.probe_ms = 0.0
         self.skip_layers: frozenset[int] = frozenset()  # decoder layers not run at all
         # The static-shape decode step (static_decode.py); None = the eager decode below.
         self.static: StaticDecoder | None = None
@@ -185,9 +203,9 @@ class LlamaEngine:
         prune_hook: PruneHook | None = None,
         record_layers: Iterable[int] = (),
         output: str = "logits",
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the prompt. Returns (last-position logits [B, V] — or with output="hidden" its
-        final-norm hidden state [B, D] — and the kept visual indices or None).
+    ) -> PrefillResult:
+        """Run the prompt: last-position logits [B, V] (or with output="hidden" the final-norm
+        hidden state [B, D]), the kept visual indices, the context and the last hidden rows.
 
         embeds: [B, T, D], left-padded by `pad` [B] rows: [pad, BOS, N visual, text].
         """
@@ -258,30 +276,24 @@ class LlamaEngine:
         self.next_pos = pos[:, -1] + 1
         if self.static is not None:
             self.static.begin(cache, self.next_pos, max_new_tokens)
-        self.last_context = ctx
-        self.last_output = h  # [B, T', D] the last layer's output (before the final norm)
-        self.probe_ms = 0.0  # time the decode steps spend in the attention probe
-        if output == "hidden":
-            return self.lm.model.norm(h[:, -1]), kept
-        return self._logits(h[:, -1]), kept
+        out = self.lm.model.norm(h[:, -1]) if output == "hidden" else self._logits(h[:, -1])
+        return PrefillResult(out, kept, ctx, h)
 
     @torch.inference_mode()
-    def decode(
-        self, token_ids: torch.Tensor, probe_layer: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One token per sample [B]. Returns (logits [B, V], visual attention [B, H, N] of the
-        new token at `probe_layer`, or None)."""
+    def decode(self, token_ids: torch.Tensor, probe_layer: int | None = None) -> DecodeStep:
+        """One token per sample [B]: its logits and, at `probe_layer`, its attention over the
+        visual tokens."""
         cache = self.cache
         pos = self.next_pos[:, None]
         if self.static is not None:
             logits, probs = self.static.step(cache, token_ids, pos, self.skip_layers, probe_layer)
-            probe = None
+            probe, probe_ms = None, 0.0
             if probs is not None:  # the step computed it; mapping columns to tokens is all
                 t0 = self.clock()
                 probe = to_visual(probs[:, :, None], cache, probe_layer, self.num_visual)[:, :, 0]
-                self.probe_ms += (self.clock() - t0) * 1e3
+                probe_ms = (self.clock() - t0) * 1e3
             self.next_pos = self.next_pos + 1
-            return logits, probe
+            return DecodeStep(logits, probe, probe_ms)
         h = self.lm.model.embed_tokens(token_ids[:, None])
         # Each row-metadata group gets the new row once. A group may have no layer that runs
         # (skip_layers covering every layer from the pruning point on, or all layers): its rows
@@ -289,7 +301,7 @@ class LlamaEngine:
         for g in set(cache.group):
             cache.append_row(g, pos[:, 0])
         cos, sin = self._rotary(h, pos)
-        probe = None
+        probe, probe_ms = None, 0.0
         for i in range(len(self.layers)):
             if i in self.skip_layers:
                 continue
@@ -304,9 +316,9 @@ class LlamaEngine:
             t0 = self.clock()  # the new token's q is at hand: its attention costs one matmul
             attn = attention_from_queries(q, cache, i, pos)
             probe = to_visual(attn, cache, i, self.num_visual)[:, :, 0]
-            self.probe_ms += (self.clock() - t0) * 1e3
+            probe_ms = (self.clock() - t0) * 1e3
         self.next_pos = self.next_pos + 1
-        return self._logits(h[:, -1]), probe
+        return DecodeStep(self._logits(h[:, -1]), probe, probe_ms)
 
 
 def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,12 @@ class StageTimer:
                 ms = (time.perf_counter() - t0) * 1e3
             self.ms[name] = self.ms.get(name, 0.0) + ms
 
+    def move(self, source: str, dest: str, ms: float) -> None:
+        """Charge `ms` measured inside stage `source` to `dest` instead (e.g. a pruning
+        method's scoring, which runs inside the prefill, to "prune")."""
+        self.ms[source] = self.ms.get(source, 0.0) - ms
+        self.ms[dest] = self.ms.get(dest, 0.0) + ms
+
     def finish(self) -> dict[str, float]:
         self._sync()
         self.ms["total"] = (time.perf_counter() - self._start) * 1e3
