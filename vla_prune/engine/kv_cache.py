@@ -49,6 +49,23 @@ class KVCache:
             and k.device == torch.device(device)
         )
 
+    def begin_prefill(
+        self, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor, has_padding: bool
+    ) -> None:
+        """A new prompt: every layer empty (a skipped layer holds nothing, no stale keys) and
+        in group 0, whose rows are the whole prefill's."""
+        self.has_padding = has_padding
+        self.length = [0] * len(self.k)
+        self.group = [0] * len(self.k)
+        self.set_rows(0, pos, valid, vis)
+
+    def prune_from(
+        self, layer: int, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor
+    ) -> None:
+        """Layers from `layer` on hold only the kept rows: group 1, with these rows."""
+        self.set_rows(1, pos, valid, vis)
+        self.group[layer:] = [1] * (len(self.k) - layer)
+
     def set_rows(self, group: int, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor):
         self._visual_cols.pop(group, None)
         n = pos.shape[1]

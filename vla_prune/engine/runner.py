@@ -218,10 +218,7 @@ class LlamaEngine:
         vis = torch.where((vis >= 0) & (vis < self.num_visual), vis, -1)
         self._ensure_cache(b, t + max_new_tokens, embeds)
         cache = self.cache
-        cache.has_padding = bool(pad.any())
-        cache.length = [0] * len(self.layers)  # skipped layers hold nothing (no stale keys)
-        cache.set_rows(0, pos, valid, vis)
-        cache.group = [0] * len(self.layers)
+        cache.begin_prefill(pos, valid, vis, has_padding=bool(pad.any()))
         ctx = PrefillContext(self, embeds, pos, pad, self.num_visual)
         record = set(record_layers)
         if prune_hook is not None and prune_layer is not None and prune_layer > 0:
@@ -250,8 +247,7 @@ class LlamaEngine:
                             (valid, True),
                             (vis, -1),
                         )
-                    cache.set_rows(1, pos, valid, vis)
-                    cache.group[i:] = [1] * (len(self.layers) - i)
+                    cache.prune_from(i, pos, valid, vis)
                     mask = _prefill_mask(valid) if cache.has_padding else None
                     cos, sin = self._rotary(h, pos)
             if i in record:
