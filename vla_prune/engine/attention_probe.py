@@ -55,7 +55,9 @@ def _rope(
     """
     if pos_rows.device.type != "cpu" or getattr(rotary, "rope_type", None) != "default":
         return _rope_tables(rotary, x, pos_rows)
-    memo = _ROPE_MEMO.setdefault(rotary, {})
+    memo = _ROPE_MEMO.get(rotary)
+    if memo is None:
+        memo = _ROPE_MEMO[rotary] = {}
     key = (x.dtype, pos_rows.shape, *pos_rows.reshape(-1).tolist())
     out = memo.get(key)
     if out is None:
@@ -87,14 +89,17 @@ def attention_from_queries(
     if k.shape[1] != num_heads:  # grouped-query attention
         k = k.repeat_interleave(num_heads // k.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(2, 3)).mul_(q.shape[-1] ** -0.5)
-    key_pos, key_valid, _ = cache.rows(layer_idx)
-    # A query at the newest row's position sees every cached key (rows hold non-decreasing
-    # positions): no mask needed. One host read (torch.equal) is cheaper than masking; any
-    # other query takes the mask, which is exact in every case.
-    newest_only = (
-        q.shape[2] == 1 and not cache.has_padding and torch.equal(pos_rows[:, 0], key_pos[:, -1])
-    )
-    if not newest_only:
+    # A query at the newest row's position passes the causal mask at every cached key (rows
+    # hold non-decreasing positions): only padding can mask. One host read (torch.equal
+    # against the newest row's position, as the engine's decode reads row metadata) is
+    # cheaper than building the causal mask; any other query gets the full mask. The same
+    # -inf land on the same scores either way.
+    g = cache.group[layer_idx]
+    if q.shape[2] == 1 and torch.equal(pos_rows, cache.pos[g][:, n - 1 : n]):
+        if cache.has_padding:
+            scores.masked_fill_(~cache.valid[g][:, None, None, :n], float("-inf"))
+    else:
+        key_pos, key_valid, _ = cache.rows(layer_idx)
         allowed = key_pos[:, None, None, :] <= pos_rows[:, None, :, None]
         allowed = allowed & key_valid[:, None, None]
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -136,24 +141,22 @@ def to_visual(attn: torch.Tensor, cache: KVCache, layer_idx: int, num_visual: in
     return out if present is None else out.mul_(present)
 
 
-# id(cols) -> (cols, plan); `cols` is held so that its id stays unique while memoized.
-_PLANS: dict[int, tuple[torch.Tensor, _Plan]] = {}
+# id(cols) -> (cols, {inference mode: plan}); `cols` is held so that its id stays unique.
+_PLANS: dict[int, tuple[torch.Tensor, dict[bool, _Plan]]] = {}
 
 
 class _Plan:
     """Where each visual token sits in one (cols, vis) pair of the cache, in the forms
-    to_visual consumes. Normal tensors (made outside inference mode): they serve under
-    autograd too."""
+    to_visual consumes."""
 
     def __init__(self, cols: torch.Tensor, vis: torch.Tensor, num_visual: int):
         b, m = cols.shape
-        with torch.inference_mode(False), torch.no_grad():
-            column = torch.zeros(b, num_visual, dtype=torch.long, device=cols.device)
-            column.scatter_(1, vis, cols)
-            present = None
-            if m < num_visual:
-                present = torch.zeros(b, num_visual, dtype=torch.float32, device=cols.device)
-                present.scatter_(1, vis, 1.0)
+        column = torch.zeros(b, num_visual, dtype=torch.long, device=cols.device)
+        column.scatter_(1, vis, cols)
+        present = None
+        if m < num_visual:
+            present = torch.zeros(b, num_visual, dtype=torch.float32, device=cols.device)
+            present.scatter_(1, vis, 1.0)
         self.column, self.present = column, present
         # one sample: a 1-D index for index_select and a multiplier that broadcasts
         self.index1 = column[0] if b == 1 else None
@@ -167,21 +170,23 @@ class _Plan:
         if out is None:
             b, n = self.column.shape
             lead = (b, *([1] * (attn.dim() - 2)), n)
-            with torch.inference_mode(False), torch.no_grad():
-                present = None if self.present is None else self.present.to(attn.dtype)
-                out = self.expanded[key] = (
-                    self.column.view(lead).expand(*attn.shape[:-1], n),
-                    None if present is None else present.view(lead),
-                )
+            present = None if self.present is None else self.present.to(attn.dtype).view(lead)
+            out = self.column.view(lead).expand(*attn.shape[:-1], n), present
+            self.expanded[key] = out
         return out
 
 
 def _visual_plan(cols: torch.Tensor, vis: torch.Tensor, num_visual: int) -> _Plan:
     """The plan of this (cols, vis) pair. The cache computes the pair once per prefill per row
-    group and returns the same tensors until its rows change: one plan each."""
+    group and returns the same tensors until its rows change: one plan each (per inference
+    mode: a plan made under inference mode must not meet autograd)."""
     entry = _PLANS.get(id(cols))
     if entry is None or entry[0] is not cols:
         if len(_PLANS) >= _MEMO_SIZE:
             _PLANS.clear()
-        entry = _PLANS[id(cols)] = (cols, _Plan(cols, vis, num_visual))
-    return entry[1]
+        entry = _PLANS[id(cols)] = (cols, {})
+    mode = torch.is_inference_mode_enabled()
+    plan = entry[1].get(mode)
+    if plan is None:
+        plan = entry[1][mode] = _Plan(cols, vis, num_visual)
+    return plan

@@ -7,6 +7,7 @@ over as `PruneInputs` for ONE sample; the strategy returns the kept visual indic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +28,42 @@ class PruneInputs:
     embeddings: torch.Tensor | None = None  # [N, D] layer-0 visual embeddings
     rng: np.random.Generator | None = None
     step: int = 0  # control steps completed since reset() (temporal methods warm up on it)
+
+
+@dataclass
+class BatchInputs:
+    """PruneInputs for every batch slot at once, one row per slot. A strategy may offer
+    `select_batch(x: BatchInputs) -> (kept [B, budget] sorted, origin [B, budget] int8 | None)
+    | None`; select_tokens then calls it once instead of `select` per slot (the per-slot Python
+    loop and its small tensors cost more than the selection at these sizes)."""
+
+    budget: int
+    num_visual: int
+    steps: list[int]  # per slot: control steps completed since reset()
+    semantic: torch.Tensor | None = None  # [B, N]
+    # [B, N] temporal (smoothed) action score; rows of slots without history are unused
+    action: torch.Tensor | None = None
+    has_action: list[bool] | None = None  # per slot: has action history (None = no slot has)
+    # [B, N, D] layer-0 visual embeddings, or a function computing them when first asked for
+    embeddings: torch.Tensor | Callable[[], torch.Tensor] | None = None
+
+    def visual_embeddings(self) -> torch.Tensor | None:
+        if callable(self.embeddings):
+            self.embeddings = self.embeddings()
+        return self.embeddings
+
+    @classmethod
+    def one(cls, x: PruneInputs, action: torch.Tensor | None = None) -> BatchInputs:
+        """A one-slot batch of `x` (with its smoothed action score, if the strategy uses one)."""
+        return cls(
+            budget=x.budget,
+            num_visual=x.num_visual,
+            steps=[x.step],
+            semantic=None if x.semantic is None else x.semantic[None],
+            action=None if action is None else action[None],
+            has_action=None if action is None else [True],
+            embeddings=None if x.embeddings is None else x.embeddings[None],
+        )
 
 
 class Pruner(Protocol):

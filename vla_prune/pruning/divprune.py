@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import PruneConfig
-from .base import PruneInputs, register
-from .select import maxmin_diversity
+from .base import BatchInputs, PruneInputs, register
+from .select import (
+    check_embeddings,
+    cosine_distance_np,
+    greedy_maxmin,
+    host_f32,
+    maxmin_diversity,
+)
 
 
 @register("divprune")
@@ -24,3 +31,13 @@ class DivPrune:
             shape = None if e is None else tuple(e.shape)
             raise ValueError(f"divprune needs embeddings [{x.num_visual}, D], got {shape}")
         return maxmin_diversity(e, x.budget)
+
+    def select_batch(self, x: BatchInputs) -> tuple[torch.Tensor, None] | None:
+        """select for every slot, one greedy loop for the batch: kept [B, k] sorted."""
+        n, k = x.num_visual, x.budget
+        if k >= n:
+            return None
+        emb = x.visual_embeddings()
+        e = host_f32(check_embeddings(emb, len(x.steps), n, "divprune"))
+        picks = greedy_maxmin([cosine_distance_np(e[i]) for i in range(e.shape[0])], k)
+        return torch.from_numpy(np.sort(picks, axis=1)).to(emb.device), None

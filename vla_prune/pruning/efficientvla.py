@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..config import PruneConfig
@@ -76,19 +77,23 @@ class EfficientVLA:
 
 def _diverse_fill(embeddings: torch.Tensor, kept: torch.Tensor, m: int) -> torch.Tensor:
     """m more tokens, each the one farthest (max of min cosine distance) from all kept so far;
-    with nothing kept yet, the first is DivPrune's (largest nearest-neighbour distance)."""
-    dist = cosine_distance(embeddings)
-    if kept.any():
-        mind = dist[:, kept].min(dim=1).values
+    with nothing kept yet, the first is DivPrune's (largest nearest-neighbour distance).
+
+    The m greedy steps run in numpy on the torch distances (only min / argmax after them, so
+    the picks are exactly those of the torch loop, ties -> lower index): a numpy step costs
+    ~1 us where each torch op costs several."""
+    d = cosine_distance(embeddings).cpu().numpy().copy()  # scratch: the diagonal changes
+    kept_np = kept.cpu().numpy()
+    if kept_np.any():
+        mind = d[:, kept_np].min(axis=1)
     else:
-        nn = dist.clone()
-        nn.fill_diagonal_(float("inf"))
-        mind = nn.min(dim=1).values
-    mind = mind.masked_fill(kept, float("-inf"))
+        np.fill_diagonal(d, np.inf)
+        mind = d.min(axis=1)
+    mind[kept_np] = -np.inf
+    np.fill_diagonal(d, -np.inf)  # a pick's own distance: its running min drops to -inf
     picks = []
     for _ in range(m):
-        j = int(torch.argmax(mind))  # first maximum: ties -> lower index
+        j = int(mind.argmax())  # first maximum: ties -> lower index
         picks.append(j)
-        mind = torch.minimum(mind, dist[j])
-        mind[j] = float("-inf")
+        np.minimum(mind, d[j], out=mind)
     return torch.tensor(picks, dtype=torch.long, device=embeddings.device)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..config import PruneConfig
-from .base import PruneInputs, register
-from .select import check_scores, topk_indices
+from .base import BatchInputs, PruneInputs, register
+from .select import check_rows, check_scores, topk_indices, topk_rows
 
 
 @register("fastv")
@@ -20,3 +20,10 @@ class FastV:
         if x.budget >= x.num_visual:
             return None
         return topk_indices(check_scores(x.semantic, x.num_visual, "semantic"), x.budget)
+
+    def select_batch(self, x: BatchInputs) -> tuple[torch.Tensor, None] | None:
+        """select for every slot in one sort: kept [B, k] sorted."""
+        if x.budget >= x.num_visual:
+            return None
+        top = topk_rows(check_rows(x.semantic, x.num_visual, "semantic"), x.budget)
+        return top.sort(dim=-1).values, None

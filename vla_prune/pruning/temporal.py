@@ -7,6 +7,7 @@ and older ones decay. (An early upstream release weighted the oldest step highes
 from __future__ import annotations
 
 from collections import deque
+from functools import lru_cache
 
 import torch
 
@@ -20,6 +21,25 @@ def window_weights(window: int, gamma: float, n: int) -> torch.Tensor:
     return w / w.sum()
 
 
+@lru_cache(maxsize=64)
+def _weights(window: int, gamma: float, n: int) -> torch.Tensor:
+    """window_weights, built once per (window, gamma, n): shared, never modified in place
+    (a normal tensor, not an inference-mode one)."""
+    with torch.inference_mode(False):
+        return window_weights(window, gamma, n)
+
+
+@lru_cache(maxsize=64)
+def _weights_batch(window: int, gamma: float, n: int) -> torch.Tensor:
+    """_weights shaped [1, n, 1] for a [B, n, N] stack."""
+    with torch.inference_mode(False):
+        return _weights(window, gamma, n)[None, :, None]
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def smooth_action_scores(
     history: list[torch.Tensor], window: int, gamma: float
 ) -> torch.Tensor | None:
@@ -27,9 +47,33 @@ def smooth_action_scores(
     if len(history) == 0:
         return None
     recent = list(history)[-window:][::-1]  # newest first, to line up with the weights
-    s = torch.stack([h.float() for h in recent])  # [n, N]
-    w = window_weights(window, gamma, len(recent)).to(s.device)
+    s = torch.stack([_f32(h) for h in recent])  # [n, N]
+    w = _weights(window, float(gamma), len(recent)).to(s.device)
     return (w[:, None] * s).sum(dim=0)
+
+
+def smooth_action_batch(
+    histories: list[list[torch.Tensor]], window: int, gamma: float
+) -> tuple[torch.Tensor | None, list[bool]]:
+    """smooth_action_scores of every batch slot as one [B, N] tensor (zeros for slots without
+    history; None if no slot has any), and which slots have history.
+
+    Slots whose windows hold the same number of steps (the usual case) share one stacked
+    product and sum; the per-row result is bit-identical to smooth_action_scores.
+    """
+    recents = [list(h)[-window:][::-1] for h in histories]
+    has = [len(r) > 0 for r in recents]
+    if not any(has):
+        return None, has
+    steps = len(recents[0])
+    if all(len(r) == steps for r in recents):
+        s = torch.stack([_f32(h) for r in recents for h in r])  # [B * n, N]
+        w = _weights_batch(window, float(gamma), steps)
+        w = w if w.device == s.device else w.to(s.device)
+        return (w * s.view(len(recents), steps, -1)).sum(dim=1), has
+    rows = [smooth_action_scores(h, window, gamma) for h in histories]
+    like = next(r for r in rows if r is not None)
+    return torch.stack([torch.zeros_like(like) if r is None else r for r in rows]), has
 
 
 class ActionScoreHistory:
