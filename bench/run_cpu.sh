@@ -8,8 +8,10 @@ out=bench/results
 mkdir -p "$out"
 python bench/prefill_speedup.py --policy small-openvla --keep 0.5 0.25 0.125 --reps 15 \
     --out "$out/cpu-prefill-speedup-small-openvla.json" | tee "$out/cpu-prefill-speedup-small-openvla.txt"
-python bench/pruning_overhead.py --policy tiny-openvla small-openvla --steps 20 \
+python bench/pruning_overhead.py --policy embedded-openvla tiny-openvla small-openvla --steps 20 \
     --out "$out/cpu-pruning-overhead.json" | tee "$out/cpu-pruning-overhead.txt"
+python bench/engine_speed.py --policy embedded-openvla small-openvla --steps 20 \
+    --out "$out/cpu-engine-speed"
 vla-prune bench --policy small-openvla --steps 8 --out "$out"
 vla-prune bench --policy small-cogact --steps 8 --out "$out"
 for p in tiny-openvla small-openvla tiny-cogact small-cogact; do
