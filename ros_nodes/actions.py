@@ -8,9 +8,10 @@ Message choice (standard messages only, no custom interface package to build):
 * ``action_stamped`` — ``sensor_msgs/JointState``: the same numbers in ``position`` with one name
   per entry (``dx`` ... ``gripper``, prefixed ``"<row>/"`` when the chunk has several rows), and
   a header: ``stamp`` echoes the camera image the action answers (so a consumer can match
-  actions to frames and measure age), ``frame_id`` says where it came from: ``"policy"`` or
-  ``"safe/<reason>"`` (deadline_miss, stale_image, no_fresh_image, ...). A safe action that
-  answers no particular image carries the current time instead.
+  actions to frames and measure age), ``frame_id`` says where it came from: ``"policy"``,
+  ``"policy/late"`` (past its deadline, sent because the budget is infeasible and
+  ``on_infeasible: late``) or ``"safe/<reason>"`` (deadline_miss, stale_image, no_fresh_image,
+  ...). A safe action that answers no particular image carries the current time instead.
 * optionally ``geometry_msgs/Twist`` for velocity bases: the first row's deltas times the control
   rate (per-step deltas -> velocities); the safe action is zero velocity.
 """
@@ -24,6 +25,7 @@ import numpy as np
 ACTION_LABELS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 ACTION_DIM = len(ACTION_LABELS)
 POLICY_SOURCE = "policy"
+LATE_SOURCE = "policy/late"
 SAFE_PREFIX = "safe/"
 
 

@@ -2,7 +2,8 @@
 
 `NodeStats` is plain Python (thread-safe, bounded memory); `to_diagnostic_array` builds the
 `diagnostic_msgs/DiagnosticArray` the node publishes: one status for control (latency, misses,
-safe actions, acceleration level) and one for inputs (rejected messages by reason).
+safe and late actions, acceleration level; ERROR while the budget is infeasible: below the
+fastest level's measured p90) and one for inputs (rejected messages by reason).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 @dataclass
 class NodeStats:
     window: int = 200
-    steps: int = 0  # policy actions published
+    steps: int = 0  # policy actions published (in time, or late with on_infeasible: late)
+    late_actions: int = 0  # of those, published after their deadline (frame_id policy/late)
     deadline_misses: int = 0  # steps whose result was not ready by the deadline
     safe_actions: Counter = field(default_factory=Counter)  # reason -> count
     rejected: Counter = field(default_factory=Counter)  # reason -> count
@@ -29,6 +31,9 @@ class NodeStats:
     level_name: str = ""
     kept_tokens: int = 0
     budget_ms: float = 0.0
+    levels: int = 0  # levels on the measured front
+    fastest_p90_ms: float = 0.0  # the fastest level's measured p90 at configure
+    infeasible: str = ""  # why the budget cannot be met ("" = it can)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -47,9 +52,10 @@ class NodeStats:
         with self._lock:
             self.deadline_misses += 1
 
-    def published(self) -> None:
+    def published(self, late: bool = False) -> None:
         with self._lock:
             self.steps += 1
+            self.late_actions += late
 
     def safe(self, reason: str) -> None:
         with self._lock:
@@ -67,6 +73,7 @@ class NodeStats:
             recent = sum(self._recent_misses)
             out: dict[str, Any] = {
                 "steps": self.steps,
+                "late_actions": self.late_actions,
                 "deadline_misses": self.deadline_misses,
                 "recent_miss_rate": recent / max(len(self._recent_misses), 1),
                 "safe_actions_total": sum(self.safe_actions.values()),
@@ -75,6 +82,9 @@ class NodeStats:
                 "level_name": self.level_name,
                 "kept_tokens": self.kept_tokens,
                 "budget_ms": self.budget_ms,
+                "levels": self.levels,
+                "fastest_p90_ms": self.fastest_p90_ms,
+                "infeasible": self.infeasible,
             }
             for name, x in (("latency", lat), ("policy", pol)):
                 for q in (50, 90, 99):
@@ -117,6 +127,8 @@ def to_diagnostic_array(snap: dict[str, Any], stamp: Any, node: str, state: str)
     control.values = [KeyValue(key="state", value=state)] + kv(control_keys)
     if state != "active":
         control.level, control.message = DiagnosticStatus.STALE, f"not controlling ({state})"
+    elif snap["infeasible"]:
+        control.level, control.message = DiagnosticStatus.ERROR, snap["infeasible"]
     elif snap["recent_miss_rate"] > 0:
         control.level = DiagnosticStatus.WARN
         control.message = f"deadline misses: {snap['recent_miss_rate']:.1%} of recent steps"

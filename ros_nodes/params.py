@@ -13,7 +13,8 @@ from typing import Any
 
 SAFE_ACTIONS = ("hold", "zero")
 RELIABILITIES = ("reliable", "best_effort")
-INJECT_MODES = ("fixed", "per_token")
+INJECT_MODES = ("fixed", "per_token", "per_dit_block")
+INFEASIBLE = ("safe", "late")
 IMAGE_TRANSPORTS = ("raw", "compressed")
 TRIGGERS = ("timer", "image")
 
@@ -27,11 +28,23 @@ class PolicyNodeParams:
     threads: int = 1  # torch CPU threads
     warmup_steps: int = 2  # untimed steps at configure (lazy init, allocator)
     # Acceleration at the slowest level, in the run-spec grammar (vla_prune/runspec.py):
-    # method@keep (keep = visual tokens kept when there is headroom) [+cacheN] [+skip[i,j]];
-    # +compile, +bf16 / +int8 (engine settings; they apply at configure); "dense" = no
-    # acceleration levels. The controller lowers the keep count under load.
+    # method@keep (keep = visual tokens kept when there is headroom) [+cacheN] [+skip[i,j]]
+    # [+compile] [+bf16|+int8]; "dense" = no pruning. The levels the controller walks are
+    # built from it at configure (vla_prune/runtime/levels.py): fewer kept tokens down to the
+    # floor, faster engines, larger DiT cache intervals, calibrated layer skips; each is timed
+    # on a few steps and only the latency / quality front is kept.
     accel: str = "vla-pruner@1.0"
-    min_keep_tokens: int = 32  # quality floor: the controller never keeps fewer tokens
+    min_keep_fraction: float = 0.25  # quality floor as a fraction of the visual tokens ...
+    min_keep_tokens: int = 1  # ... and as a count: the controller never keeps fewer
+    level_engines: str = "auto"  # engines to try: "auto" (fp32/bf16/int8 at or below accel's,
+    #   compiled and not), "" (accel's only) or a list like "compile,int8+compile"
+    level_cache: str = "auto"  # CogACT DiT cache intervals to try: "auto" (2,3,5), "", "2,5"
+    skip_file: str = ""  # `vla-prune calibrate` output: its layers, least influential first
+    quality_summary: str = ""  # eval summary.json / episodes.jsonl ranking the levels by success
+    level_timing_steps: int = 5  # timed steps per candidate level at configure
+    level_min_gain: float = 0.03  # a front level is at least 3 % faster than the one before
+    on_infeasible: str = "safe"  # budget below the fastest level's p90: safe (answer misses
+    #   with the safe action) | late (act on the late result, frame_id "policy/late")
     # -- latency budget and control --
     budget_ms: float = 100.0  # per-step deadline; 0 = no deadline, no controller
     budget_target: float = 0.85  # the controller aims at this fraction of the budget
@@ -62,16 +75,18 @@ class PolicyNodeParams:
     step_log_path: str = ""  # JSONL, one line per finished policy step; "" = off
     # -- testing --
     inject_delay_ms: float = 0.0  # synthetic slowdown added to every policy step
-    inject_delay_mode: str = "per_token"  # fixed | per_token: scaled by kept / all tokens
+    # fixed | per_token: scaled by kept / all visual tokens (a bigger LLM) | per_dit_block:
+    # scaled by the DiT blocks computed / all (a bigger DiT head: the DiT cache saves it)
+    inject_delay_mode: str = "per_token"
     autostart: bool = True  # configure + activate at start (no lifecycle manager needed)
 
 
 # Changeable while the node is configured; the rest apply at the next configure.
 POLICY_RUNTIME = frozenset({
-    "accel", "min_keep_tokens", "budget_ms", "budget_target", "budget_relax",
-    "relax_after_steps", "control_rate_hz", "max_image_age_ms", "safe_action",
-    "initial_gripper", "max_image_side", "max_instruction_chars", "diagnostics_period_s",
-    "inject_delay_ms", "inject_delay_mode",
+    "budget_ms", "budget_target", "budget_relax", "relax_after_steps", "control_rate_hz",
+    "max_image_age_ms", "safe_action", "initial_gripper", "max_image_side",
+    "max_instruction_chars", "diagnostics_period_s", "inject_delay_ms", "inject_delay_mode",
+    "on_infeasible",
 })
 
 
@@ -111,6 +126,26 @@ def check_policy_param(name: str, value: Any) -> str | None:
             accel_spec(value)
         except ValueError as e:  # the grammar's own message: names the spec and the fault
             return f"parameter accel: {e}"
+    if name == "level_engines":
+        from vla_prune.runtime.levels import parse_engines  # lazy: the bridge needs no vla_prune
+
+        try:
+            parse_engines(value)
+        except ValueError as e:
+            return f"parameter level_engines: {e}"
+    if name == "level_cache":
+        from vla_prune.runtime.levels import parse_ints
+
+        try:
+            parse_ints(value, "level_cache")
+        except ValueError as e:
+            return f"parameter {e}"
+    if name == "min_keep_fraction" and not (0.0 <= value <= 1.0):
+        return _fail(name, value, "must be in [0, 1]")
+    if name == "level_min_gain" and not (0.0 <= value < 1.0):
+        return _fail(name, value, "must be in [0, 1)")
+    if name == "on_infeasible" and value not in INFEASIBLE:
+        return _fail(name, value, f"must be one of {INFEASIBLE}")
     if name in positive and not (value > 0 and math.isfinite(value)):
         return _fail(name, value, "must be a finite number > 0")
     if name in ("budget_ms", "inject_delay_ms") and not (
@@ -122,7 +157,9 @@ def check_policy_param(name: str, value: Any) -> str | None:
     if name == "budget_relax" and not (0.0 < value < 1.0):
         return _fail(name, value, "must be in (0, 1)")
     if name in ("min_keep_tokens", "threads", "max_image_side", "max_instruction_chars",
-                "qos_depth", "latency_window", "relax_after_steps") and value < 1:
+                "qos_depth", "latency_window", "relax_after_steps", "level_timing_steps") and (
+        value < 1
+    ):
         return _fail(name, value, "must be >= 1")
     if name == "warmup_steps" and value < 0:
         return _fail(name, value, "must be >= 0")
@@ -197,10 +234,6 @@ def updated_policy_params(
             return None, err
         if configured and name not in POLICY_RUNTIME:
             return None, f"{name} applies at configure: deactivate and clean up first"
-        if configured and name == "accel":
-            old, now = accel_spec(p.accel), accel_spec(value)
-            if (old.compile, old.weights) != (now.compile, now.weights):
-                return None, "accel's +compile / +bf16 / +int8 apply at configure"
         setattr(new, name, value)
     if new.budget_relax >= new.budget_target:
         return None, "budget_relax must be below budget_target"

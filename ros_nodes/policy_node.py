@@ -9,10 +9,11 @@ policy step on the latest camera image under a deadline of ``budget_ms`` (ros_no
 step_control.py). The robot always gets an answer per tick: the policy's action, or the safe
 action (``hold`` / ``zero``) when the step missed its deadline, no fresh image arrived, the image
 is older than ``max_image_age_ms``, the previous step overran and still runs, or the input was
-rejected (a rejected image is answered at once). The latency controller
-(vla_prune.runtime.budget) picks the kept visual-token count for the next step from the measured
-latencies. No callback waits for the policy, so one SingleThreadedExecutor serves inputs,
-diagnostics, parameters and lifecycle while a step runs.
+rejected (a rejected image is answered at once). At configure the acceleration levels are
+built from the policy and timed (ros_nodes/policy_runtime.py); the latency controller
+(vla_prune.runtime.budget) walks their latency / quality front from the measured latencies.
+No callback waits for the policy, so one SingleThreadedExecutor serves inputs, diagnostics,
+parameters and lifecycle while a step runs.
 
 Run: ``python -m ros_nodes.policy_node --ros-args --params-file configs/ros/policy_node.yaml``.
 Topics, messages and diagnostics: see ros_nodes/actions.py and ros_nodes/diagnostics.py.
@@ -34,7 +35,13 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Empty, Float32MultiArray, String
 
-from ros_nodes.actions import POLICY_SOURCE, SAFE_PREFIX, build_action_msgs, build_twist
+from ros_nodes.actions import (
+    LATE_SOURCE,
+    POLICY_SOURCE,
+    SAFE_PREFIX,
+    build_action_msgs,
+    build_twist,
+)
 from ros_nodes.actions import safe_action as make_safe_action
 from ros_nodes.diagnostics import NodeStats, to_diagnostic_array
 from ros_nodes.inputs import (
@@ -146,9 +153,11 @@ class PolicyNode(StepControl, LifecycleNode):
         ]
         self._start_diag_timer()
         self._state = "inactive"
+        ctrl = self.runtime.controller
         self.get_logger().info(
             f"configured {p.policy} ({self.runtime.num_visual} visual tokens), levels "
-            f"{[lv.keep_count for lv in self.runtime.controller.levels]}, budget {p.budget_ms} ms"
+            f"{[lv.name for lv in ctrl.levels]}, budget {p.budget_ms} ms, starting at "
+            f"{ctrl.current.name}"
         )
         return TransitionCallbackReturn.SUCCESS
 
@@ -304,7 +313,7 @@ class PolicyNode(StepControl, LifecycleNode):
             self._pubs["stamped"].publish(stamped)
             if "twist" in self._pubs:
                 self._pubs["twist"].publish(build_twist(actions[0], self.p.control_rate_hz))
-        if source == POLICY_SOURCE:
+        if source in (POLICY_SOURCE, LATE_SOURCE):
             self._last_gripper = float(actions[-1, -1])
 
     def publish_diagnostics(self) -> None:

@@ -5,7 +5,9 @@ Publishes the camera image (``sensor_msgs/Image`` rgb8, stamped), the instructio
 the policy's ``action_stamped`` (``sensor_msgs/JointState``, see ros_nodes/actions.py) and steps
 the env with every row of the action chunk, as ``sim.eval.runner.run_episode`` does. Episode
 results go out as ``diagnostic_msgs/DiagnosticStatus`` on ``episode_status`` (and to a JSONL
-file with ``record_path``).
+file with ``record_path``), with this episode's counters: resends, ignored / safe / late
+actions, held steps, and the executed answers by source (``policy``, ``safe/deadline_miss``,
+...).
 
 Lock-step mode (default, for exact comparison with the in-process eval): the env steps only on
 the action whose header stamp answers the latest image, so the sim waits for the policy however
@@ -30,7 +32,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Empty, String
 
-from ros_nodes.actions import SAFE_PREFIX, parse_action_stamped, stamp_ns
+from ros_nodes.actions import LATE_SOURCE, SAFE_PREFIX, parse_action_stamped, stamp_ns
 from ros_nodes.params import BridgeParams, check_bridge_param, declare, qos
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; before mujoco is imported
@@ -83,12 +85,18 @@ class SimBridge(Node):
         self._started = False
         self._latest: tuple[str, np.ndarray] | None = None  # free-running: newest action
         self._gripper = 0.0
-        self.counts = {"resends": 0, "ignored_actions": 0, "safe_actions": 0, "held_steps": 0}
+        self._new_counts()
         self.create_timer(1.0 / POLL_HZ, self._poll)
         if not p.lockstep:
             self.create_timer(1.0 / p.rate_hz, self._free_tick)
 
     # -- episodes -----------------------------------------------------------------------------
+
+    def _new_counts(self) -> None:
+        """Per-episode counters (each episode's record has its own)."""
+        self.counts = {"resends": 0, "ignored_actions": 0, "safe_actions": 0,
+                       "late_actions": 0, "held_steps": 0}
+        self.sources: dict[str, int] = {}  # executed answers by frame_id
 
     def _poll(self) -> None:
         now = time.monotonic()
@@ -115,6 +123,7 @@ class SimBridge(Node):
         self._terminated = self._truncated = False
         self._gripper = 0.0
         self._latest = None
+        self._new_counts()
         self.reset_pub.publish(Empty())
         self.instruction_pub.publish(String(data=self._obs["instruction"]))
         self._status("running")
@@ -177,6 +186,9 @@ class SimBridge(Node):
         """Every row of the chunk, like run_episode; ends the episode when the env says so."""
         if source.startswith(SAFE_PREFIX):
             self.counts["safe_actions"] += 1
+        elif source == LATE_SOURCE:
+            self.counts["late_actions"] += 1
+        self.sources[source] = self.sources.get(source, 0) + 1
         for action in actions:
             obs, reward, terminated, truncated, info = self.env.step(action)
             self._obs, self._info = obs, info
@@ -202,6 +214,7 @@ class SimBridge(Node):
             "steps": self._steps,
             "reward": self._reward,
             **self.counts,
+            "sources": dict(self.sources),
         }
         self.results.append(result)
         self._write({"episode_result": result})

@@ -7,7 +7,9 @@ one-shot deadline timer (``budget_ms``, or ``MAX_STEP_S`` without a budget -> ``
 Whichever comes first answers the image: the policy's action, or the safe action
 ``deadline_miss``; a result that arrives after its deadline is only bookkept (latency -> the
 budget controller), never published. While a step runs past its deadline, each tick (and each
-new image) is answered with the safe action ``busy``.
+new image) is answered with the safe action ``busy``. Exception: when the budget is infeasible
+(below the fastest level's measured p90) and ``on_infeasible: late``, the deadline passes
+silently and the late result answers the image, flagged ``policy/late``.
 
 Why never block: an earlier version waited for the step inside a callback of rclpy's
 MultiThreadedExecutor. That executor (jazzy, rclpy 7.1) re-yields every task queued in its thread
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ros_nodes.actions import POLICY_SOURCE
+from ros_nodes.actions import LATE_SOURCE, POLICY_SOURCE
 from ros_nodes.inputs import Rejected, check_stamp
 
 MAX_STEP_S = 30.0  # without a budget a step still may not hold up control longer than this
@@ -49,7 +51,8 @@ class Step:
     frame: Frame
     t0: float  # perf_counter at submission
     end: float | None = None  # perf_counter when the worker finished (set by the worker)
-    missed: bool = False  # the deadline passed first: already answered with the safe action
+    missed: bool = False  # the deadline passed first
+    late: bool = False  # ... and the answer waits for the late result (on_infeasible: late)
 
 
 class StepControl:
@@ -128,6 +131,10 @@ class StepControl:
             return
         step.missed = True
         self.stats.missed()
+        rt = self.runtime
+        if rt is not None and rt.act_late:
+            step.late = True  # answered when it ends
+            return
         self._publish_safe("deadline_miss", step.frame.stamp)
 
     def _on_step_done(self) -> None:
@@ -150,21 +157,23 @@ class StepControl:
         future, stamp = step.future, step.frame.stamp
         error = future.exception()
         if error is not None:
-            if not step.missed:
+            if not step.missed or step.late:  # not answered yet
                 self._publish_safe(rt.classify_error(error), stamp)
             return
         latency = rt.finished(future, step.t0, step.missed, step.frame.stamp_ns, end=step.end)
-        if step.missed:
+        late = step.late
+        if step.missed and not late:
             return
         budget = self.p.budget_ms
-        if budget > 0 and latency > budget:  # finished past the deadline, before its timer
+        if not step.missed and budget > 0 and latency > budget:  # past it, before its timer
             self.stats.missed()
-            self._publish_safe("deadline_miss", stamp)
-            return
+            if not rt.act_late:
+                self._publish_safe("deadline_miss", stamp)
+                return
+            late = True
         result = future.result()
         if not np.isfinite(result.actions).all():
             self._publish_safe("non_finite_action", stamp)
             return
-        self._publish(result.actions, stamp, POLICY_SOURCE)
-        self.stats.published()
-
+        self._publish(result.actions, stamp, LATE_SOURCE if late else POLICY_SOURCE)
+        self.stats.published(late=late)

@@ -115,6 +115,8 @@ class CogACTPolicy(Policy):
         self._ensemblers: list[AdaptiveEnsembler] = []
         self._noise: list[torch.Generator] = []
 
+    _EPISODE_STATE = (*Policy._EPISODE_STATE, "_ensemblers", "_noise")
+
     def reset_slot(self, i: int) -> None:
         super().reset_slot(i)  # also creates the slot's noise stream and ensembler if missing
         s = self.sampling

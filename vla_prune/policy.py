@@ -188,6 +188,18 @@ class Policy:
         self._steps: list[int] = []
         self._rngs: list[np.random.Generator] = []
 
+    # Per-episode state (what reset() clears); subclasses add theirs to this tuple.
+    _EPISODE_STATE: tuple[str, ...] = ("_histories", "_steps", "_rngs")
+
+    def episode_state(self) -> dict[str, Any]:
+        """The running episode's state of every slot (temporal history, step counts, random
+        streams), to continue it on another copy of the same policy (set_episode_state)."""
+        return {name: getattr(self, name) for name in self._EPISODE_STATE}
+
+    def set_episode_state(self, state: dict[str, Any]) -> None:
+        for name in self._EPISODE_STATE:
+            setattr(self, name, state[name])
+
     def reset_slot(self, i: int) -> None:
         """New episode in batch slot i only (batched rollouts whose episodes end at different
         steps). The slot starts from the same streams as slot 0 of a fresh policy, so an

@@ -39,10 +39,15 @@ class RosEnv:
     env: dict[str, str]
 
 
+# Tests try only the levers they exercise: the shipped "auto" would compile the decode for
+# three weight formats at every configure (tens of seconds per test on a 2-core machine).
+TEST_POLICY_DEFAULTS = {"level_engines": "", "level_cache": ""}
+
+
 def write_params(path: Path, policy: dict | None = None, bridge: dict | None = None) -> Path:
-    """configs/ros/policy_node.yaml with overrides, written to `path`."""
+    """configs/ros/policy_node.yaml with TEST_POLICY_DEFAULTS and overrides, written to `path`."""
     data = yaml.safe_load(PARAMS.read_text())
-    data["vla_policy"]["ros__parameters"].update(policy or {})
+    data["vla_policy"]["ros__parameters"].update({**TEST_POLICY_DEFAULTS, **(policy or {})})
     data["vla_sim_bridge"]["ros__parameters"].update(bridge or {})
     path.write_text(yaml.safe_dump(data))
     return path
@@ -249,6 +254,7 @@ class Harness:
         )
         self.answers: list[Answer] = []
         self.diag: dict[str, dict[str, str]] = {}
+        self.status: dict[str, tuple[int, str]] = {}  # status suffix -> (level, message)
         self.sent: dict[int, float] = {}  # image stamp -> send time
         depth = qos(100, "reliable")
         node.create_subscription(JointState, "action_stamped", self._on_action, depth)
@@ -266,6 +272,10 @@ class Harness:
         from ros_nodes.diagnostics import diagnostic_values
 
         self.diag = diagnostic_values(msg)
+        self.status = {
+            s.name.rsplit(": ", 1)[-1]: (int.from_bytes(s.level, "little"), s.message)
+            for s in msg.status
+        }
 
     def value(self, status: str, key: str, default: float = 0.0) -> float:
         v = self.diag.get(status, {}).get(key)

@@ -99,3 +99,32 @@ def test_lockstep_episode_matches_in_process(ros_env, tiny_checkpoint, tmp_path)
     ros_actions = np.array([x["action"] for x in steps])
     np.testing.assert_array_equal(ros_actions, np.array(actions[: len(steps)]))
     assert len(np.unique(ros_actions, axis=0)) > 1  # the scrambled policy reacts to the scene
+
+
+def test_bridge_counts_each_episode_on_its_own(ros_env, micro_checkpoint, tmp_path):
+    """Two episodes under a budget no level meets: every executed action is a safe one, and
+    each episode's record counts its own (the counters restart with the episode)."""
+    record = tmp_path / "bridge.jsonl"
+    params = write_params(
+        tmp_path / "params.yaml",
+        policy=dict(
+            policy=str(micro_checkpoint), min_keep_fraction=1.0, warmup_steps=1,
+            level_timing_steps=1, budget_ms=50.0, inject_delay_ms=200.0,
+            inject_delay_mode="fixed", trigger="image", max_image_age_ms=60_000.0,
+        ),
+        bridge=dict(task="press", seed=SEED, episodes=2, max_steps=6, record_path=str(record),
+                    lockstep=True, start_delay_s=0.2),
+    )
+    launcher = Proc(launcher_cmd(params, ros_env.domain_id), ros_env.env, tmp_path / "l.log")
+    try:
+        code = launcher.wait(timeout=150)
+    finally:
+        launcher.stop()
+    assert code == 0, launcher.tail()
+    lines = [json.loads(x) for x in record.read_text().splitlines()]
+    results = [x["episode_result"] for x in lines if "episode_result" in x]
+    assert [r["episode"] for r in results] == [0, 1]
+    for r in results:
+        assert r["steps"] == 6 and r["safe_actions"] == 6 and r["late_actions"] == 0, r
+        assert sum(r["sources"].values()) == 6 and "policy" not in r["sources"], r
+        assert r["sources"].get("safe/deadline_miss", 0) >= 1, r
