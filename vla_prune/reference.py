@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .engine.runner import PrefillResult
 from .policy import Policy, StepResult
 from .runtime.timing import StageTimer
 
@@ -83,7 +84,8 @@ class ReferencePipeline:
         with timer.stage("action_head"):
             p.cache_config = type(cache)(interval=cache.interval, enabled=False)
             try:
-                head = p._action_head(cognition, None)
+                pre = PrefillResult(cognition, None, None, None)  # the head reads .output only
+                head = p._action_head(pre, None)
             finally:
                 p.cache_config = cache
         with timer.stage("post"):

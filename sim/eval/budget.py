@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sim.eval.config import EvalConfig, RunConfig
@@ -42,12 +43,23 @@ class _Answering:
 
 
 class BudgetRuns:
-    """One BudgetedPolicy per configuration label, built on first use."""
+    """One BudgetedPolicy per configuration label, built on first use.
 
-    def __init__(self, cfg: EvalConfig):
+    The eval loop hands in its own pieces (loading a policy, a run's engine, one episode), so
+    this module needs nothing from sim.eval.runner, which imports it."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        load_policy: Callable[..., Any],
+        run_engine: Callable[[RunConfig, EvalConfig], Any],
+        run_episode: Callable[..., dict[str, Any]],
+    ):
         if cfg.budget_ms <= 0:
             raise ValueError("BudgetRuns needs EvalConfig.budget_ms > 0")
         self.cfg = cfg
+        self._load_policy, self._run_engine = load_policy, run_engine
+        self._run_episode = run_episode
         self._by_label: dict[str, Any] = {}
 
     def policy(self, run: RunConfig):
@@ -56,20 +68,19 @@ class BudgetRuns:
         return self._by_label[run.label]
 
     def _build(self, run: RunConfig):
-        from sim.eval.runner import load_eval_policy, run_engine
         from vla_prune.runspec import RunSpec
         from vla_prune.runtime.accel import BudgetedPolicy, LevelRunner, build_level_front
         from vla_prune.runtime.budget import BudgetConfig
         from vla_prune.runtime.levels import LevelSearch, QualityTable
 
         cfg = self.cfg
-        policy = load_eval_policy(
+        policy = self._load_policy(
             run.policy or cfg.policy, cfg.unnorm_key, cfg.suite, device=cfg.device,
             dtype=cfg.dtype,
         )
         if hasattr(policy, "sampling"):  # CogACT: the configuration's ensemble setting
             policy.configure(sampling=dataclasses.replace(policy.sampling, ensemble=run.ensemble))
-        engine = run_engine(run, cfg)
+        engine = self._run_engine(run, cfg)
         spec = RunSpec(
             run.label, run.prune, cache=run.cache, skip_layers=run.skip_layers,
             compile=engine.compile, weights=engine.weights,
@@ -89,10 +100,9 @@ class BudgetRuns:
         self, run: RunConfig, env, seed: int, max_steps: int, video: bool = False
     ) -> dict[str, Any]:
         """sim.eval.runner.run_episode under the budget, plus the record's ``budget`` entry."""
-        from sim.eval.runner import run_episode
-
         budgeted = self.policy(run)
-        ep = run_episode(env, _Answering(budgeted), seed, max_steps, video=video, blind=run.blind)
+        answering = _Answering(budgeted)
+        ep = self._run_episode(env, answering, seed, max_steps, video=video, blind=run.blind)
         ep["budget"] = {
             "budget_ms": self.cfg.budget_ms,
             "deadline_misses": budgeted.counts["deadline_misses"],

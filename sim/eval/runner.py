@@ -424,7 +424,7 @@ def run_eval(
     if cfg.budget_ms > 0:
         from sim.eval.budget import BudgetRuns
 
-        budgets = BudgetRuns(cfg)
+        budgets = BudgetRuns(cfg, load_eval_policy, run_engine, run_episode)
     env_kw = env_kwargs(cfg)
     bar = Progress(total, total - len(todo), enabled=progress)
     env, env_task = None, None

@@ -78,8 +78,10 @@ class PrefillResult:
 
     output: torch.Tensor  # [B, V] last-position logits, or [B, D] final-norm hidden state
     kept: torch.Tensor | None  # [B, k] kept visual indices, None = all kept
-    context: PrefillContext  # recorded layer inputs: the attention probe reads them
-    last_hidden: torch.Tensor  # [B, T', D] the last layer's output (before the final norm)
+    # recorded layer inputs (the attention probe reads them); None outside our engine (the
+    # transformers reference pipeline hands an action head only its output)
+    context: PrefillContext | None
+    last_hidden: torch.Tensor | None  # [B, T', D] the last layer's output (before final norm)
 
 
 @dataclass
