@@ -37,17 +37,7 @@ def ref_maxmin(embeddings: torch.Tensor, k: int, candidates: torch.Tensor | None
         return torch.empty(0, dtype=torch.long)
     e = embeddings.detach().float().cpu().numpy()[cand]
     e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    d = 1.0 - e @ e.T
-    nn = d.copy()
-    np.fill_diagonal(nn, np.inf)
-    picks = [int(np.argmax(nn.min(axis=1)))]
-    mind = d[picks[0]].copy()
-    mind[picks[0]] = -np.inf
-    for _ in range(k - 1):
-        j = int(np.argmax(mind))
-        picks.append(j)
-        np.minimum(mind, d[j], out=mind)
-        mind[j] = -np.inf
+    picks = ref_maxmin_on_distances(1.0 - e @ e.T, k)
     return torch.as_tensor(cand[picks], dtype=torch.long).sort().values
 
 

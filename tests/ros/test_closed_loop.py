@@ -55,6 +55,17 @@ def in_process(checkpoint) -> tuple[dict, list[np.ndarray]]:
     return ep, rec.actions
 
 
+
+def run_launcher(params, record, ros_env, tmp_path) -> list[dict]:
+    """Node + bridge to completion through the launcher; the bridge's record lines."""
+    launcher = Proc(launcher_cmd(params, ros_env.domain_id), ros_env.env, tmp_path / "l.log")
+    try:
+        code = launcher.wait(timeout=150)
+    finally:
+        launcher.stop()
+    assert code == 0, launcher.tail()
+    return [json.loads(x) for x in record.read_text().splitlines()]
+
 def test_lockstep_episode_matches_in_process(ros_env, tiny_checkpoint, tmp_path):
     record = tmp_path / "bridge.jsonl"
     params = write_params(
@@ -78,15 +89,7 @@ def test_lockstep_episode_matches_in_process(ros_env, tiny_checkpoint, tmp_path)
             lockstep_timeout_s=120.0,
         ),
     )
-    cmd = launcher_cmd(params, ros_env.domain_id)
-    launcher = Proc(cmd, ros_env.env, tmp_path / "launcher.log")
-    try:
-        code = launcher.wait(timeout=150)
-    finally:
-        launcher.stop()
-    assert code == 0, launcher.tail()
-
-    lines = [json.loads(x) for x in record.read_text().splitlines()]
+    lines = run_launcher(params, record, ros_env, tmp_path)
     steps = [x for x in lines if "step" in x]
     (result,) = [x["episode_result"] for x in lines if "episode_result" in x]
     assert result["resends"] == 0 and result["safe_actions"] == 0, result
@@ -115,13 +118,7 @@ def test_bridge_counts_each_episode_on_its_own(ros_env, micro_checkpoint, tmp_pa
         bridge=dict(task="press", seed=SEED, episodes=2, max_steps=6, record_path=str(record),
                     lockstep=True, start_delay_s=0.2),
     )
-    launcher = Proc(launcher_cmd(params, ros_env.domain_id), ros_env.env, tmp_path / "l.log")
-    try:
-        code = launcher.wait(timeout=150)
-    finally:
-        launcher.stop()
-    assert code == 0, launcher.tail()
-    lines = [json.loads(x) for x in record.read_text().splitlines()]
+    lines = run_launcher(params, record, ros_env, tmp_path)
     results = [x["episode_result"] for x in lines if "episode_result" in x]
     assert [r["episode"] for r in results] == [0, 1]
     for r in results:

@@ -180,8 +180,7 @@ class LlamaEngine:
         if self.static is not None:
             # One capacity for every budget and instruction: room for 128 text + action rows
             # past the visual tokens, in steps of 64; a longer prompt grows it (a recompile).
-            max_len = max(max_len, -(-(self.num_visual + 1 + 128) // 64) * 64)
-            max_len = -(-max_len // 64) * 64
+            max_len = -(-max(max_len, self.num_visual + 1 + 128) // 64) * 64
         if self.cache is None or not self.cache.fits(batch, max_len, like.dtype, like.device):
             self.cache = KVCache(
                 len(self.layers),

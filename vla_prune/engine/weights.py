@@ -33,11 +33,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     prefill (many rows: compute-bound) dequantizes to x's dtype and runs its fast matmul."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x.is_cuda:  # gpt-fast's form: under torch.compile inductor fuses the dequantization
-        y = F.linear(x2, q.to(x.dtype)) * scales.to(x.dtype)
-        return y.reshape(*shape[:-1], q.shape[0])
+    # On CUDA always gpt-fast's dequantize-then-matmul: under torch.compile inductor fuses it.
     gemv = x2.shape[0] <= GEMV_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-    if gemv and hasattr(torch, "_weight_int8pack_mm"):
+    if gemv and not x.is_cuda and hasattr(torch, "_weight_int8pack_mm"):
         y = torch._weight_int8pack_mm(x2, q, scales.to(x.dtype))
     else:
         y = F.linear(x2, q.to(x.dtype)) * scales.to(x.dtype)
