@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, PruneConfig
-from .engine.runner import LlamaEngine, PrefillContext, PrefillResult, PruneDecision
+from .engine.runner import LlamaEngine, PrefillContext, PruneDecision
+from .heads import ActionHead, TokenDecodingHead
 from .models.openvla import ActionTokenizer, build_prompt, unnormalize
 from .models.prismatic import OpenVLAModel
 from .preprocess import InputError, image_to_pixels, validate_image, validate_instruction
@@ -44,15 +45,6 @@ STAGES = (
 
 
 @dataclass
-class HeadOutput:
-    normalized: np.ndarray  # [B, chunk, action_dim] in [-1, 1]
-    action_tokens: np.ndarray | None = None  # [B, action_dim] (token-decoding heads)
-    action_scores: torch.Tensor | None = None  # [B, N] action-level attention this step
-    extra: dict[str, Any] = field(default_factory=dict)  # per-sample extras ([B, ...] each)
-    probe_ms: float = 0.0  # time spent on action_scores (charged to "prune", not the head)
-
-
-@dataclass
 class StepResult:
     actions: np.ndarray  # [chunk, action_dim] float32, un-normalized
     action_tokens: np.ndarray | None  # [action_dim] decoded token ids (OpenVLA-style policies)
@@ -75,12 +67,14 @@ class Policy:
         tokenizer,
         norm_stats: dict[str, Any],
         unnorm_key: str | None = None,
+        head: ActionHead | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.norm_stats = norm_stats
         cfg = model.config
         self.action_tokenizer = ActionTokenizer(cfg.tokenizer_vocab_size, cfg.n_action_bins)
+        self.head = head or TokenDecodingHead(self.action_tokenizer, cfg.action_dim)
         self.engine = LlamaEngine(model.language_model, cfg.num_patches)
         self.unnorm_key = self._check_unnorm_key(unnorm_key)
         self.prune_config = PruneConfig()
@@ -126,14 +120,19 @@ class Policy:
         reset: bool = True,
         skip_layers: Sequence[int] | None = None,
         engine: EngineConfig | None = None,
+        cache=None,
+        sampling=None,
     ) -> Policy:
-        """Set the pruning configuration, dataset statistics, LLM layers to skip and/or how the
-        engine runs (compiled decode, weight format).
+        """Set the pruning configuration, dataset statistics, LLM layers to skip, how the
+        engine runs (compiled decode, weight format) and/or the action head's settings
+        (`cache`: a DiT feature cache's CacheConfig, `sampling`: a SamplingConfig — heads
+        without them reject them).
 
         reset=False keeps the episode's temporal history (a latency controller changing the
         budget or the engine mid-episode); otherwise this starts a new episode, like reset().
         skip_layers: decoder layers not run at all (see vla_prune.caching.layer_skip); () = none.
         """
+        self.head.configure(cache, sampling, reset)  # validates before anything changes
         if engine is not None:
             self._set_engine(engine)
         if skip_layers is not None:
@@ -148,6 +147,8 @@ class Policy:
             self.prune_config, self._pruner = prune, pruner
         if unnorm_key is not None:
             self.unnorm_key = self._check_unnorm_key(unnorm_key)
+        if cache is not None or sampling is not None:
+            self.head.apply(cache, sampling)
         if reset:
             self.reset()
         return self
@@ -187,18 +188,21 @@ class Policy:
         self._histories: list[ActionScoreHistory] = []
         self._steps: list[int] = []
         self._rngs: list[np.random.Generator] = []
+        self.head.reset()
 
-    # Per-episode state (what reset() clears); subclasses add theirs to this tuple.
+    # Per-episode state (what reset() clears), besides the head's own.
     _EPISODE_STATE: tuple[str, ...] = ("_histories", "_steps", "_rngs")
 
     def episode_state(self) -> dict[str, Any]:
         """The running episode's state of every slot (temporal history, step counts, random
-        streams), to continue it on another copy of the same policy (set_episode_state)."""
-        return {name: getattr(self, name) for name in self._EPISODE_STATE}
+        streams, the head's state), to continue it on another copy of the same policy."""
+        state = {name: getattr(self, name) for name in self._EPISODE_STATE}
+        return {**state, "head": self.head.episode_state()}
 
     def set_episode_state(self, state: dict[str, Any]) -> None:
         for name in self._EPISODE_STATE:
             setattr(self, name, state[name])
+        self.head.set_episode_state(state["head"])
 
     def reset_slot(self, i: int) -> None:
         """New episode in batch slot i only (batched rollouts whose episodes end at different
@@ -208,12 +212,14 @@ class Policy:
         self._histories[i] = ActionScoreHistory(self.prune_config.window)
         self._steps[i] = 0
         self._rngs[i] = np.random.default_rng([self.prune_config.seed, 0])
+        self.head.reset_slot(i)
 
     def _slots(self, n: int):
         while len(self._histories) < n:
             self._histories.append(ActionScoreHistory(self.prune_config.window))
             self._steps.append(0)
             self._rngs.append(np.random.default_rng([self.prune_config.seed, len(self._rngs)]))
+        self.head.ensure_slots(n)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -223,6 +229,7 @@ class Policy:
         suffix = self.config.prompt_suffix_token_id
         if suffix is not None and ids[-1] != suffix:
             ids = ids + [suffix]
+        ids = ids + self.head.prompt_suffix()
         budget = min(
             self.config.max_length, self.model.language_model.config.max_position_embeddings
         )
@@ -294,21 +301,22 @@ class Policy:
             pre = self.engine.prefill(
                 embeds,
                 pad,
-                self.max_new_tokens,
+                self.head.max_new_tokens,
                 prune_layer=k_layer,
                 prune_hook=hook,
                 record_layers=self._record_layers(sem_layer, act_layer),
-                output=self.prefill_output,
+                output=self.head.prefill_output,
             )
         kept = pre.kept
-        with timer.stage(self.head_stage):
-            head = self._action_head(pre, act_layer if "action" in needs else None)
+        with timer.stage(self.head.stage):
+            probe_layer = act_layer if "action" in needs else None
+            head = self.head.run(pre, self.engine, probe_layer, self.unnormalize)
         # "prune" = scoring + selection: the hook at layer K and the attention probes after it,
         # each measured where it ran and moved out of the stage that contains it.
         timer.move("prefill", "prune", prune_ms[0])
-        timer.move(self.head_stage, "prune", head.probe_ms)
+        timer.move(self.head.stage, "prune", head.probe_ms)
+        actions = head.actions
         with timer.stage("post"):
-            actions = self._postprocess(head.normalized)
             for i in range(b):
                 if head.action_scores is not None:
                     self._histories[i].push(head.action_scores[i].float().cpu())
@@ -332,39 +340,15 @@ class Policy:
             for i in range(b)
         ]
 
-    # -- the action head: OpenVLA's here; other policies override these four -------------------
-
-    prefill_output = "logits"  # what the head needs from the prefill: "logits" | "hidden"
-    head_stage = "decode"  # its timing stage
-
-    @property
-    def max_new_tokens(self) -> int:
-        """KV-cache rows to reserve after the prefill."""
-        return self.config.action_dim
-
     def _record_layers(self, sem_layer: int, act_layer: int) -> tuple[int, ...]:
         """Layers whose prefill inputs the attention probe will need."""
-        return (sem_layer,) if self._pruner.needs & {"semantic", "text_attention"} else ()
+        needs = self._pruner.needs
+        layers = (sem_layer,) if needs & {"semantic", "text_attention"} else ()
+        if "action" in needs:
+            layers = (*layers, *self.head.probe_layers(act_layer))
+        return layers
 
-    def _action_head(self, pre: PrefillResult, probe_layer: int | None) -> HeadOutput:
-        """Greedy decode of action_dim tokens (argmax over the whole vocabulary, as upstream).
-
-        With `probe_layer`, also the action-level score: each decode query's attention to the
-        visual tokens at that layer, averaged over heads and decode steps.
-        """
-        tokens, probes, probe_ms = [pre.output.argmax(-1)], [], 0.0
-        for _ in range(self.config.action_dim - 1):
-            step = self.engine.decode(tokens[-1], probe_layer)
-            tokens.append(step.logits.argmax(-1))
-            probe_ms += step.probe_ms
-            if step.probe is not None:
-                probes.append(step.probe.mean(dim=1))  # heads -> [B, N]
-        token_ids = torch.stack(tokens, dim=1).cpu().numpy()
-        normalized = self.action_tokenizer.decode(token_ids)[:, None]  # [B, 1, action_dim]
-        scores = torch.stack(probes).mean(0) if probes else None
-        return HeadOutput(normalized, token_ids, scores, probe_ms=probe_ms)
-
-    def _postprocess(self, normalized: np.ndarray) -> np.ndarray:
+    def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         """[B, chunk, dim] in [-1, 1] -> robot actions (un-normalized with q01/q99)."""
         return unnormalize(normalized, self.norm_stats[self.unnorm_key]["action"])
 

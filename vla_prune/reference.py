@@ -46,7 +46,7 @@ class ReferencePipeline:
             patches = p.model.projector(features)
             text = lm.get_input_embeddings()(inputs["input_ids"])
             embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
-        if p.prefill_output == "hidden":  # CogACT: one forward, then the diffusion head
+        if p.head.prefill_output == "hidden":  # a head on the hidden state: one forward, then it
             return self._cogact_step(p, lm, embeds, timer)
         with timer.stage("generate"), attention_implementation(lm, self.attn):
             out = lm.generate(
@@ -61,7 +61,7 @@ class ReferencePipeline:
         with timer.stage("post"):
             tokens = out.sequences[0, -p.config.action_dim :].cpu().numpy()
             normalized = p.action_tokenizer.decode(tokens)[None]
-            actions = p._postprocess(normalized[None])[0]
+            actions = p.unnormalize(normalized[None])[0]
         return StepResult(actions, tokens, timer.finish(), p.config.num_patches, normalized)
 
     def _cogact_step(self, p, lm, embeds, timer) -> StepResult:
@@ -80,14 +80,14 @@ class ReferencePipeline:
             )
             cognition = out.hidden_states[0][-1][:, -1]  # after the final norm
         p._slots(1)
-        cache = p.cache_config
+        cache = p.head.cache_config
         with timer.stage("action_head"):
-            p.cache_config = type(cache)(interval=cache.interval, enabled=False)
+            p.head.cache_config = type(cache)(interval=cache.interval, enabled=False)
             try:
                 pre = PrefillResult(cognition, None, None, None)  # the head reads .output only
-                head = p._action_head(pre, None)
+                head = p.head.run(pre, p.engine, None, p.unnormalize)
             finally:
-                p.cache_config = cache
-        with timer.stage("post"):
-            actions = p._postprocess(head.normalized)[0]
-        return StepResult(actions, None, timer.finish(), p.config.num_patches, head.normalized[0])
+                p.head.cache_config = cache
+        return StepResult(
+            head.actions[0], None, timer.finish(), p.config.num_patches, head.normalized[0]
+        )

@@ -209,9 +209,7 @@ def project_step(
         lm_head=flops.lm_head > 0,
     )
     if flops.action_head:
-        s = policy.sampling
-        net = policy.model.action_model.net
-        nbytes["action_head"] = action_head_bytes(net, s.ddim_steps, policy.cache_config, wb)
+        nbytes["action_head"] = policy.head.weight_bytes(wb)
     if not flops.decode_steps:
         del nbytes["decode"]
     return stage_roofs(flops, nbytes, target_peak(target))

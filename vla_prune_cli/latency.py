@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def cmd_profile(args) -> int:
     skips = _skip_layers(args)
     kw = {}
     if (cache := run_spec_from(args).cache) is not None:
-        if not hasattr(policy, "cache_config"):
+        if policy.head.cache_config is None:
             raise ValueError(f"cache{cache} needs a CogACT policy (a DiT head): {args.policy}")
         from vla_prune.caching import CacheConfig
 
@@ -283,14 +284,12 @@ def _flops(policy, n_text: int, kept: int | None, k_layer: int | None, skips=())
     from vla_prune.engine.flops import step_flops
 
     skips = frozenset(skips or ())
-    if policy.prefill_output != "hidden":
-        return step_flops(policy.config, n_text, kept, k_layer, skip_layers=skips)
-    from vla_prune.caching import sampling_flops
-
-    f = step_flops(policy.config, n_text, kept, k_layer, decode_steps=0, skip_layers=skips)
-    s = policy.sampling
-    head = sampling_flops(policy.config.dit, 1, s.ddim_steps, s.cfg_scale, policy.cache_config)
-    return type(f)(f.vision, f.projector, f.prefill_layers, f.decode_layers, 0, 0, head)
+    head = policy.head
+    f = step_flops(
+        policy.config, n_text, kept, k_layer, decode_steps=head.decode_steps, skip_layers=skips,
+        lm_head=head.prefill_output == "logits",
+    )
+    return dataclasses.replace(f, action_head=head.flops())
 
 
 def _print_layers(cfg, flops, n_text: int, kept: int | None, k_layer: int) -> None:
@@ -392,7 +391,7 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = load_policy_arg(args.policy, args.device, args.dtype, args.seed)
-    default = COGACT_CONFIGS if policy.prefill_output == "hidden" else DEFAULT_CONFIGS
+    default = COGACT_CONFIGS if policy.head.cache_config is not None else DEFAULT_CONFIGS
     labels = tuple(split_specs(args.configs)) if args.configs else default
     rows = run_bench(policy, labels, steps=args.steps, seed=args.seed, engine=engine_from(args))
     command = "vla-prune " + " ".join(sys.argv[1:])

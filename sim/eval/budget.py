@@ -78,8 +78,8 @@ class BudgetRuns:
             run.policy or cfg.policy, cfg.unnorm_key, cfg.suite, device=cfg.device,
             dtype=cfg.dtype,
         )
-        if hasattr(policy, "sampling"):  # CogACT: the configuration's ensemble setting
-            policy.configure(sampling=dataclasses.replace(policy.sampling, ensemble=run.ensemble))
+        if (sampling := policy.head.sampling) is not None:  # the configuration's ensemble
+            policy.configure(sampling=dataclasses.replace(sampling, ensemble=run.ensemble))
         engine = self._run_engine(run, cfg)
         spec = RunSpec(
             run.label, run.prune, cache=run.cache, skip_layers=run.skip_layers,

@@ -163,12 +163,16 @@ def configure_run(policy, run: RunConfig, engine=None):
     kw: dict[str, Any] = {"prune": run.prune, "skip_layers": run.skip_layers}
     if engine is not None:
         kw["engine"] = engine
-    if hasattr(policy, "cache_config"):  # CogACT
-        interval = run.cache or policy.cache_config.interval
+    head = policy.head
+    if head.cache_config is not None:  # a DiT head: set its cache either way (shared policy)
+        interval = run.cache or head.cache_config.interval
         kw["cache"] = CacheConfig(interval=interval, enabled=run.cache is not None)
-        kw["sampling"] = dataclasses.replace(policy.sampling, ensemble=run.ensemble)
-    elif run.cache is not None or run.ensemble:
-        raise ValueError(f"configuration {run.label!r}: cache/ensemble need a CogACT policy")
+    if head.sampling is not None:
+        kw["sampling"] = dataclasses.replace(head.sampling, ensemble=run.ensemble)
+    if run.cache is not None and head.cache_config is None:
+        raise ValueError(f"configuration {run.label!r}: cache{run.cache} needs a DiT head (CogACT)")
+    if run.ensemble and head.sampling is None:
+        raise ValueError(f"configuration {run.label!r}: ensemble needs a DiT head (CogACT)")
     return policy.configure(**kw)
 
 

@@ -72,7 +72,7 @@ def test_presets_and_cognition_token(policy):
         assert (cfg.dit.depth, cfg.dit.hidden_size, cfg.dit.num_heads) == size
     ids = policy.token_ids(INSTRUCTION)
     assert ids[-1] == policy.config.cognition_token_id == policy.tokenizer.eos_token_id == 2
-    assert policy.max_new_tokens == 0 and policy.head_stage == "action_head"
+    assert policy.head.max_new_tokens == 0 and policy.head.stage == "action_head"
 
 
 def test_cognition_feature_is_final_hidden_state_of_last_token(policy):

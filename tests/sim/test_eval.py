@@ -300,8 +300,11 @@ def test_cogact_configurations_cache_and_skip(tmp_path):
     configure_run(policy, parse_run_spec("dense"))
     assert not policy.cache_config.enabled and not policy.engine.skip_layers
     assert not policy.sampling.ensemble
-    with pytest.raises(ValueError, match="need a CogACT policy"):
+    with pytest.raises(ValueError, match="needs a DiT head"):
         configure_run(vla_prune.build_policy("tiny-openvla", seed=0), cached)
+    with pytest.raises(ValueError, match="ensemble needs a DiT head"):
+        openvla = vla_prune.build_policy("tiny-openvla", seed=0)
+        configure_run(openvla, parse_run_spec("dense+ensemble"))
 
     cfg = small_config(
         tmp_path / "cg",

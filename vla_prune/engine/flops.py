@@ -76,8 +76,10 @@ def step_flops(
     prune_layer: int | None = None,
     decode_steps: int | None = None,
     skip_layers: frozenset[int] = frozenset(),
+    lm_head: bool = True,
 ) -> StepFlops:
-    """FLOPs of one OpenVLA step. prompt_tokens counts the text ids including BOS."""
+    """FLOPs of one OpenVLA step. prompt_tokens counts the text ids including BOS.
+    lm_head=False: a head that reads the final hidden state (CogACT) skips the vocabulary."""
     n_vis = cfg.num_patches
     t_full = prompt_tokens + n_vis
     kept = n_vis if kept_visual is None else kept_visual
@@ -94,6 +96,6 @@ def step_flops(
         prefill.append(layer_flops(cfg, t, t))
         decode.append(sum(layer_flops(cfg, 1, t + i + 1) for i in range(steps)))
     d, _, _, vocab = _llm_dims(cfg)
-    lm_head = 2 * d * vocab * (1 + steps)
+    head = 2 * d * vocab * (1 + steps) if lm_head else 0
     vision = vit_flops(cfg.dino) + vit_flops(cfg.siglip)
-    return StepFlops(vision, projector_flops(cfg), prefill, decode, lm_head, steps)
+    return StepFlops(vision, projector_flops(cfg), prefill, decode, head, steps)

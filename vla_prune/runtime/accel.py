@@ -68,7 +68,7 @@ class LevelRunner:
     def __init__(self, policy: Any, spec: Any, weights: Sequence[str] = ()):
         self.spec = spec
         self.num_visual = policy.config.num_patches
-        self.has_dit = hasattr(policy, "cache_config")
+        self.has_dit = policy.head.cache_config is not None
         self.baseline = baseline_level(spec, policy)
         if spec.cache is not None and not self.has_dit:
             raise ValueError(f"{spec.label!r}: cache{spec.cache} needs a CogACT policy")
