@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .config import EngineConfig, PruneConfig
+from .engine.flops import step_flops
 from .engine.runner import LlamaEngine, PrefillContext, PruneDecision
 from .heads import ActionHead, TokenDecodingHead
 from .models.openvla import ActionTokenizer, build_prompt, unnormalize
@@ -26,6 +27,7 @@ from .preprocess import InputError, image_to_pixels, validate_image, validate_in
 from .pruning.base import make_pruner
 from .pruning.scoring import select_tokens
 from .pruning.temporal import ActionScoreHistory
+from .pruning.vla_cache import SlotMemory, VLACache
 from .runtime.timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Policy:
         self.unnorm_key = self._check_unnorm_key(unnorm_key)
         self.prune_config = PruneConfig()
         self._pruner = make_pruner(self.prune_config)
+        self._vla_cache: VLACache | None = None  # K/V reuse across steps (VLA-Cache methods)
         from .engine.weights import weight_format
 
         fmt = weight_format(self.model)  # a model loaded in bf16 is a bf16 engine already
@@ -142,9 +145,10 @@ class Policy:
         if prune is not None:
             pruner = make_pruner(prune)  # validates the method name
             prune.resolve_layers(self.config.num_layers)  # validates layer indices
+            vla_cache = self._make_vla_cache(prune)  # validates its layers
             if not reset and prune.window != self.prune_config.window:
                 raise ValueError("changing the temporal window needs reset=True")
-            self.prune_config, self._pruner = prune, pruner
+            self.prune_config, self._pruner, self._vla_cache = prune, pruner, vla_cache
         if unnorm_key is not None:
             self.unnorm_key = self._check_unnorm_key(unnorm_key)
         if cache is not None or sampling is not None:
@@ -152,6 +156,14 @@ class Policy:
         if reset:
             self.reset()
         return self
+
+    def _make_vla_cache(self, prune: PruneConfig) -> VLACache | None:
+        if not prune.reuses_kv:
+            return None
+        cfg = self.config
+        return VLACache(
+            prune.cache_config, cfg.num_patches, cfg.num_layers, cfg.image_size, cfg.dino.patch
+        )
 
     def _set_engine(self, engine: EngineConfig) -> None:
         if not isinstance(engine, EngineConfig):
@@ -188,10 +200,11 @@ class Policy:
         self._histories: list[ActionScoreHistory] = []
         self._steps: list[int] = []
         self._rngs: list[np.random.Generator] = []
+        self._reuse: list[SlotMemory] = []  # VLA-Cache: what each slot's next step reuses
         self.head.reset()
 
     # Per-episode state (what reset() clears), besides the head's own.
-    _EPISODE_STATE: tuple[str, ...] = ("_histories", "_steps", "_rngs")
+    _EPISODE_STATE: tuple[str, ...] = ("_histories", "_steps", "_rngs", "_reuse")
 
     def episode_state(self) -> dict[str, Any]:
         """The running episode's state of every slot (temporal history, step counts, random
@@ -212,6 +225,7 @@ class Policy:
         self._histories[i] = ActionScoreHistory(self.prune_config.window)
         self._steps[i] = 0
         self._rngs[i] = np.random.default_rng([self.prune_config.seed, 0])
+        self._reuse[i] = SlotMemory()
         self.head.reset_slot(i)
 
     def _slots(self, n: int):
@@ -219,6 +233,7 @@ class Policy:
             self._histories.append(ActionScoreHistory(self.prune_config.window))
             self._steps.append(0)
             self._rngs.append(np.random.default_rng([self.prune_config.seed, len(self._rngs)]))
+            self._reuse.append(SlotMemory())
         self.head.ensure_slots(n)
 
     # -- inputs -------------------------------------------------------------------------------
@@ -298,6 +313,9 @@ class Policy:
             return kept
 
         with timer.stage("prefill"):
+            t0 = time.perf_counter()
+            plan, frames = self._reuse_plan(images, k_layer)
+            reuse_ms = (time.perf_counter() - t0) * 1e3
             pre = self.engine.prefill(
                 embeds,
                 pad,
@@ -306,14 +324,19 @@ class Policy:
                 prune_hook=hook,
                 record_layers=self._record_layers(sem_layer, act_layer),
                 output=self.head.prefill_output,
+                reuse=plan,
             )
+            if frames is not None:  # before the head: decode rows would join the probed keys
+                t0 = self.engine.clock()
+                self._vla_cache.observe(self._reuse[:b], frames, pre)
+                reuse_ms += (self.engine.clock() - t0) * 1e3
         kept = pre.kept
         with timer.stage(self.head.stage):
             probe_layer = act_layer if "action" in needs else None
             head = self.head.run(pre, self.engine, probe_layer, self.unnormalize)
         # "prune" = scoring + selection: the hook at layer K and the attention probes after it,
         # each measured where it ran and moved out of the stage that contains it.
-        timer.move("prefill", "prune", prune_ms[0])
+        timer.move("prefill", "prune", prune_ms[0] + reuse_ms)
         timer.move(self.head.stage, "prune", head.probe_ms)
         actions = head.actions
         with timer.stage("post"):
@@ -323,6 +346,9 @@ class Policy:
                 self._steps[i] += 1
         timings = timer.finish()
         n_kept = kept.shape[1] if kept is not None else self.config.num_patches
+        extra = dict(head.extra)
+        if frames is not None:
+            extra.update(self._reuse_report(pre, [len(x["input_ids"][0]) for x in inputs], k_layer))
         return [
             StepResult(
                 actions=actions[i],
@@ -335,7 +361,7 @@ class Policy:
                 action_scores=_np(head.action_scores, i),
                 smoothed_action_scores=_np(report.get("action"), i),
                 origin=_np(report.get("origin"), i),
-                extra={k: v[i] for k, v in head.extra.items()},
+                extra={k: v[i] for k, v in extra.items()},
             )
             for i in range(b)
         ]
@@ -346,7 +372,41 @@ class Policy:
         layers = (sem_layer,) if needs & {"semantic", "text_attention"} else ()
         if "action" in needs:
             layers = (*layers, *self.head.probe_layers(act_layer))
+        if self._vla_cache is not None:
+            layers = (*layers, *self._vla_cache.record_layers(self.engine.skip_layers))
         return layers
+
+    def _reuse_plan(self, images: Sequence[np.ndarray], k_layer: int):
+        """VLA-Cache: (the engine's ReusePlan for this step or None, this step's frame patches
+        or None when the method reuses nothing). "<method>+vla-cache" reuses from layer K on:
+        the layers before it compute every row, so the pruning scores are the dense ones."""
+        if self._vla_cache is None:
+            return None, None
+        frames = self._vla_cache.frames(list(images))
+        first = 0 if self._pruner.name == "vla-cache" else k_layer
+        return self._vla_cache.plan(self._reuse[: len(images)], frames, first), frames
+
+    def _reuse_report(self, pre, prompt_tokens: list[int], k_layer: int) -> dict[str, Any]:
+        """Per slot: visual rows reused per decoder layer [L], the prefill FLOPs they saved
+        (engine/flops.py) and the fraction of the visual rows of the layers that ran."""
+        n_layers, b = self.config.num_layers, len(prompt_tokens)
+        reused = np.zeros((b, n_layers), dtype=np.int64)
+        if pre.reused is not None:
+            reused = pre.reused.cpu().numpy()
+        kept = None if pre.kept is None else pre.kept.shape[1]
+        n_vis = self.config.num_patches
+        rows = sum(n_vis if kept is None or i < k_layer else kept for i in pre.stamp.ran)
+        saved = []
+        for i in range(b):
+            args = (self.config, prompt_tokens[i], kept, k_layer if kept is not None else None)
+            dense = step_flops(*args, skip_layers=self.engine.skip_layers)
+            cached = step_flops(*args, skip_layers=self.engine.skip_layers, reused=reused[i])
+            saved.append(dense.stages["prefill"] - cached.stages["prefill"])
+        return {
+            "reused_rows": reused,
+            "reuse_flops_saved": np.array(saved, dtype=np.int64),
+            "reused_fraction": reused.sum(1) / max(rows, 1),
+        }
 
     def unnormalize(self, normalized: np.ndarray) -> np.ndarray:
         """[B, chunk, dim] in [-1, 1] -> robot actions (un-normalized with q01/q99)."""

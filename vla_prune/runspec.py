@@ -6,6 +6,10 @@ parse their strings here, so one string means the same thing everywhere.
     part  := "dense" | "none"               no pruning
            | method "@" keep                e.g. vla-pruner@0.25, fastv@64, divprune@25%
            | path.yaml                      a PruneConfig YAML (the label defaults to its stem)
+           | "vla-cache" ["[" k=v ("," k=v)* "]"]   VLA-Cache: reuse static tokens' K/V across
+                                            steps; alone or after a method (vla-pruner@0.25+
+                                            vla-cache); k: a VLACacheConfig field
+           | method "+vla-cache@" keep      the same, keep written last: vla-pruner+vla-cache@0.25
            | "cache" N                      CogACT: DiT feature caching, recompute every N steps
            | "skip" N                       skip the N least influential LLM layers (calibrated)
            | "skip[" i ("," i)* "]"         skip exactly these LLM layers
@@ -21,20 +25,23 @@ A list of specs is comma-separated (`split_specs`); commas inside `skip[...]` do
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import EngineConfig, PruneConfig, load_yaml
+import yaml
+
+from .config import VLA_CACHE, EngineConfig, PruneConfig, VLACacheConfig, from_dict, load_yaml
 
 GRAMMAR = (
-    "[label=]method@keep[+cacheN][+skipN|+skip[i,j]][+compile|+eager][+fp32|+bf16|+int8]"
+    "[label=]method@keep[+vla-cache[k=v,..]][+cacheN][+skipN|+skip[i,j]][+compile|+eager][+fp32|+bf16|+int8]"
     "[+ensemble][+blind]"
 )
 WEIGHTS = ("fp32", "bf16", "int8")
 DENSE_ALIASES = ("dense", "none")
 _SKIP_LIST = re.compile(r"skip\[([\d,\s]*)\]")
 _COUNTED = re.compile(r"(cache|skip)(\d+)")
+_VLA_CACHE = re.compile(r"vla-cache(?:\[([^\]]*)\])?(?:@(.*))?")
 
 
 @dataclass(frozen=True)
@@ -105,19 +112,63 @@ def _prune_part(part: str, spec: str) -> PruneConfig:
     return _check_method(prune, spec)
 
 
+def _take_vla_cache(parts: list[str], spec: str) -> tuple[list[str], VLACacheConfig | None]:
+    """The spec's parts without its vla-cache part, and that part's VLACacheConfig (None: no
+    vla-cache). `m+vla-cache@k` gives the bare method `m` the keep `k`."""
+    found = [i for i, p in enumerate(parts) if _VLA_CACHE.fullmatch(p)]
+    if not found:
+        return parts, None
+    if len(found) > 1:
+        raise bad_spec(spec, "vla-cache is given twice")
+    i = found[0]
+    m = _VLA_CACHE.fullmatch(parts[i])
+    params, keep = m.group(1), m.group(2)
+    rest = parts[:i] + parts[i + 1 :]
+    if keep is not None:
+        method = parts[i - 1] if i > 0 else ""
+        if not method or "@" in method or method.endswith((".yaml", ".yml")):
+            raise bad_spec(
+                spec,
+                "vla-cache@keep keeps the tokens of the method written just before it, e.g. "
+                "vla-pruner+vla-cache@0.25 (vla-cache alone prunes nothing)",
+            )
+        rest[i - 1] = f"{method}@{keep}"
+    values: dict[str, Any] = {}
+    for item in (params or "").split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise bad_spec(spec, f"vla-cache[...] takes key=value items, got {item.strip()!r}")
+        values[key.strip()] = yaml.safe_load(value.strip())
+    try:
+        return rest, from_dict(VLACacheConfig, values, source="vla-cache[...]")
+    except (ValueError, TypeError) as e:
+        raise bad_spec(spec, str(e)) from None
+
+
+def _split_label(text: str) -> tuple[str, str, str]:
+    """(label, "=", body) at the first "=" outside brackets (vla-cache[k=v] has its own), or
+    ("", "", text) when there is no label."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "=" and depth == 0:
+            return text[:i], "=", text[i + 1 :]
+    return "", "", text
+
+
 def parse_run_spec(spec: str) -> RunSpec:
     """One spec string -> RunSpec; ValueError naming the spec and what is wrong."""
     text = spec.strip()
-    label, sep, body = text.partition("=")
-    if not sep:
-        label, body = "", text
+    label, sep, body = _split_label(text)
     label, body = label.strip(), body.strip()
     if not body or (sep and not label):
         raise bad_spec(spec, f"expected {GRAMMAR}")
     fields: dict[str, Any] = {}
     seen: set[str] = set()
-    for raw in body.split("+"):
-        part = raw.strip()
+    parts, vla_cache = _take_vla_cache([raw.strip() for raw in body.split("+")], spec)
+    for part in parts:
         if not part:
             raise bad_spec(spec, f"empty part between '+'; expected {GRAMMAR}")
         if part.split("@")[0].strip() in DENSE_ALIASES:
@@ -148,6 +199,12 @@ def parse_run_spec(spec: str) -> RunSpec:
         seen.add(slot)
         fields[key] = value
     prune = fields.pop("prune", PruneConfig())
+    if vla_cache is not None:
+        method = VLA_CACHE if prune.method == "none" else f"{prune.method}+{VLA_CACHE}"
+        try:
+            prune = _check_method(replace(prune, method=method, vla_cache=vla_cache), spec)
+        except ValueError as e:
+            raise bad_spec(spec, str(e)) from None
     if not label:
         only_yaml = body.endswith((".yaml", ".yml")) and "+" not in body
         label = Path(body).stem if only_yaml else ("dense" if body in DENSE_ALIASES else body)

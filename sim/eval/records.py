@@ -6,7 +6,9 @@ episode ends, all configurations in one file (episodes of a (task, seed) are adj
     label, suite, task, seed, episode (= seed - first seed), success, steps (env steps),
     policy_steps (policy calls), instruction, obs_hash (first observation, for pairing checks),
     actions_hash (every executed action, float32, in order: equal hashes = the same rollout),
-    kept_visual_tokens (mean per policy call), latency_ms {stage: {median, p99}} (this episode),
+    kept_visual_tokens (mean per policy call), reused_fraction (VLA-Cache methods: mean per
+    policy call of the visual rows reused over the layers that ran; else null),
+    latency_ms {stage: {median, p99}} (this episode),
     step_ms {stage: [ms per policy call]} (raw; step_ms["total"] is the per-step total),
     policy, prune (PruneConfig as a dict), cache (CogACT DiT cache interval or null),
     skip_layers (LLM layers skipped), ensemble (CogACT action ensemble), wall_s,

@@ -189,6 +189,7 @@ class Rollout:
         self.frames = [self.obs["image"]] if video else []
         self.timings: list[dict[str, float]] = []
         self.kept: list[int] = []
+        self.reused: list[float] = []  # VLA-Cache: fraction of visual rows reused per step
         self.actions = hashlib.sha1()  # every executed action, float32 bytes in order
         self.steps, self.done = 0, False
         self._t0 = time.perf_counter()
@@ -202,6 +203,8 @@ class Rollout:
         """Execute a policy answer (the whole chunk; OpenVLA: one action); True once done."""
         self.timings.append(result.timings_ms)
         self.kept.append(result.kept_visual_tokens)
+        if "reused_fraction" in result.extra:
+            self.reused.append(float(result.extra["reused_fraction"]))
         for action in result.actions:
             self.actions.update(np.ascontiguousarray(action, dtype=np.float32).tobytes())
             self.obs, _, terminated, truncated, self.info = self.env.step(action)
@@ -225,6 +228,7 @@ class Rollout:
             "obs_hash": self.first,
             "actions_hash": self.actions.hexdigest()[:16],
             "kept_visual_tokens": float(np.mean(self.kept)),
+            "reused_fraction": float(np.mean(self.reused)) if self.reused else None,
             "latency_ms": {s: _median_p99(x) for s, x in step_ms.items()},
             "step_ms": step_ms,
             "wall_s": round(time.perf_counter() - self._t0, 3),

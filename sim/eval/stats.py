@@ -67,6 +67,8 @@ def summarize_episodes(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         mine = [r for r in records if r["label"] == label]
         calls = sum(r["policy_steps"] for r in mine)
         kept = sum(r["kept_visual_tokens"] * r["policy_steps"] for r in mine)
+        reused = [r for r in mine if r.get("reused_fraction") is not None]  # VLA-Cache runs
+        reused_calls = sum(r["policy_steps"] for r in reused)
         stages = _ordered(stage for r in mine for stage in r["step_ms"])  # the policy's order
         per_task = {}
         for task in tasks:
@@ -81,6 +83,11 @@ def summarize_episodes(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 **rate(sum(bool(r["success"]) for r in mine), len(mine)),
                 "tasks": per_task,
                 "kept_visual_tokens": kept / calls if calls else math.nan,
+                "reused_fraction": (
+                    sum(r["reused_fraction"] * r["policy_steps"] for r in reused) / reused_calls
+                    if reused_calls
+                    else None
+                ),
                 "policy_steps": calls,
                 "env_steps": sum(r["steps"] for r in mine),
                 "latency_ms": {

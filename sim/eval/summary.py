@@ -30,8 +30,10 @@ def _keep(prune: dict[str, Any]) -> str:
 
 def _rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     tasks = summary["tasks"]
-    head = ["config", "method", "keep", "tokens", "success", "95% CI", *tasks]
-    head += ["median ms", "p99 ms"]
+    # VLA-Cache runs: the fraction of visual rows reused (a column only when a run has one)
+    reuse = any(r.get("reused_fraction") is not None for r in summary["runs"])
+    head = ["config", "method", "keep", "tokens", *(["reused"] if reuse else [])]
+    head += ["success", "95% CI", *tasks, "median ms", "p99 ms"]
     rows = []
     for r in summary["runs"]:
         lo, hi = r["ci95"]
@@ -41,6 +43,11 @@ def _rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             r["prune"].get("method", "none"),
             _keep(r["prune"]),
             f"{r['kept_visual_tokens']:.1f}",
+        ]
+        if reuse:
+            x = r.get("reused_fraction")
+            cells.append("-" if x is None else f"{100 * x:.1f}%")
+        cells += [
             f"{r['successes']}/{r['episodes']} {100 * r['success_rate']:.0f}%",
             f"[{lo:.2f}, {hi:.2f}]",
         ]

@@ -12,7 +12,8 @@ from vla_prune.pruning.base import PruneInputs, available, make_pruner
 from vla_prune.pruning.select import maxmin_diversity
 
 make_pruner(PruneConfig())  # registers the strategies
-METHODS = [m for m in available() if m not in ("fixed", "none")]
+# methods that prune to the budget ("vla-cache" alone reuses K/V and keeps every token)
+METHODS = [m for m in available() if m not in ("fixed", "none", "vla-cache")]
 
 
 def inputs(rows: int, cols: int, budget: int, seed: int, ties: bool, hist: int) -> PruneInputs:

@@ -8,6 +8,7 @@ LM head runs for the last position only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..models.arch import VLAConfig
@@ -77,9 +78,12 @@ def step_flops(
     decode_steps: int | None = None,
     skip_layers: frozenset[int] = frozenset(),
     lm_head: bool = True,
+    reused: Sequence[int] | None = None,
 ) -> StepFlops:
     """FLOPs of one OpenVLA step. prompt_tokens counts the text ids including BOS.
-    lm_head=False: a head that reads the final hidden state (CogACT) skips the vocabulary."""
+    lm_head=False: a head that reads the final hidden state (CogACT) skips the vocabulary.
+    reused: per decoder layer, visual rows the prefill took from the previous step's K/V
+    (VLA-Cache): they are neither projected nor MLP'd, but stay keys for the others."""
     n_vis = cfg.num_patches
     t_full = prompt_tokens + n_vis
     kept = n_vis if kept_visual is None else kept_visual
@@ -93,7 +97,7 @@ def step_flops(
             decode.append(0)
             continue
         t = t_full if layer < k else t_kept
-        prefill.append(layer_flops(cfg, t, t))
+        prefill.append(layer_flops(cfg, t - (reused[layer] if reused is not None else 0), t))
         decode.append(sum(layer_flops(cfg, 1, t + i + 1) for i in range(steps)))
     d, _, _, vocab = _llm_dims(cfg)
     head = 2 * d * vocab * (1 + steps) if lm_head else 0

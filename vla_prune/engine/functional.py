@@ -50,6 +50,24 @@ def prefill_layer(
     return h + linear(F.silu(gate) * up, down_w), k, v
 
 
+def prefill_rows_layer(h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, attend):
+    """prefill_layer for a subset of the rows (h [B, n, D], cos/sin [B, n, hd]) whose keys and
+    values join the others in the cache: attend(q, k, v) writes k/v there and returns the
+    attention output [B, H, n, hd] over the whole cache (engine/reuse.py). Eager: the row count
+    varies per layer and step (VLA-Cache), one more dynamic-shape graph is not worth it here."""
+    ln1, qkv_w, o_w, ln2, gate_up_w, down_w = w
+    b, t, _ = h.shape
+    head_dim = cos.shape[-1]
+    x = rms_norm(h, ln1, eps)
+    qkv = linear(x, qkv_w).view(b, t, num_heads + 2 * kv_heads, head_dim).transpose(1, 2)
+    q, k, v = qkv.split([num_heads, kv_heads, kv_heads], dim=1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attend(q, k, v)
+    h = h + linear(out.transpose(1, 2).reshape(b, t, -1), o_w)
+    gate, up = linear(rms_norm(h, ln2, eps), gate_up_w).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, down_w)
+
+
 def weight_of(module: torch.nn.Module) -> Linear:
     if getattr(module, "bias", None) is not None:
         raise ValueError("the static decode step supports bias-free linears (Llama) only")

@@ -39,6 +39,7 @@ class KVCache:
         self.rows_len = [0, 0]  # rows described per group (independent of which layers run)
         self.has_padding = False
         self._visual_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.generation = 0  # prefills begun on this cache (reuse checks it is the last one)
 
     def fits(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
         k = self.k[0]
@@ -54,10 +55,34 @@ class KVCache:
     ) -> None:
         """A new prompt: every layer empty (a skipped layer holds nothing, no stale keys) and
         in group 0, whose rows are the whole prefill's."""
+        self.generation += 1
         self.has_padding = has_padding
         self.length = [0] * len(self.k)
         self.group = [0] * len(self.k)
         self.set_rows(0, pos, valid, vis)
+
+    def visual_rows(self, num_visual: int) -> list[torch.Tensor | None]:
+        """Per layer: the cache row of each visual token [B, num_visual] (-1: not held), None
+        for a layer that holds nothing. Taken before the next prefill rewrites the metadata: it
+        says where the previous step's K/V of each token are (vla_prune/engine/reuse.py)."""
+        by_group: dict[tuple[int, int], torch.Tensor] = {}
+        out: list[torch.Tensor | None] = []
+        for layer, n in enumerate(self.length):
+            g = self.group[layer]
+            if n == 0:
+                out.append(None)
+                continue
+            if (g, n) not in by_group:
+                vis = self.vis[g][:, :n]
+                rows = torch.full(
+                    (self.batch, num_visual + 1), -1, dtype=torch.long, device=vis.device
+                )
+                # text rows (-1) land in the extra last column, which is then dropped
+                col = torch.where(vis >= 0, vis, num_visual)
+                ar = torch.arange(n, device=vis.device).expand_as(vis)
+                by_group[g, n] = rows.scatter_(1, col, ar)[:, :num_visual]
+            out.append(by_group[g, n])
+        return out
 
     def prune_from(
         self, layer: int, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor

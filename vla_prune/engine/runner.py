@@ -9,6 +9,7 @@ Nothing in transformers is patched.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,8 +21,11 @@ from transformers import LlamaForCausalLM
 from .attention_probe import attention_from_queries, attention_rows, to_visual
 from .functional import prefill_layer
 from .kv_cache import KVCache
+from .reuse import PrefillStamp, ReusePlan, RowReuse, layer_rows
 from .rope import apply_rope
 from .static_decode import StaticDecoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +86,11 @@ class PrefillResult:
     # transformers reference pipeline hands an action head only its output)
     context: PrefillContext | None
     last_hidden: torch.Tensor | None  # [B, T', D] the last layer's output (before final norm)
+    # which prefill filled the KV cache: a ReusePlan for the next step names it
+    stamp: PrefillStamp | None = None
+    # [B, L] visual rows each layer took from the previous step's cache (VLA-Cache); None =
+    # no reuse was asked for or possible. Reused rows of last_hidden hold stale values.
+    reused: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,6 +100,17 @@ class DecodeStep:
     logits: torch.Tensor  # [B, V] fp32
     probe: torch.Tensor | None  # [B, H, N] the new token's visual attention at the probe layer
     probe_ms: float = 0.0  # time spent turning it into per-token scores (the "prune" stage)
+
+
+@dataclass
+class GreedyDecode:
+    """A head's whole greedy token decode."""
+
+    tokens: torch.Tensor  # [B, steps + 1] the first (from the prefill's logits) and the rest
+    logits: torch.Tensor  # [B, steps, V] fp32, of each decoded token
+    probe: torch.Tensor | None  # [B, H', N] visual attention at the probe layer, averaged over
+    # the decode steps (H' = H, or 1 when the engine averaged the heads already)
+    probe_ms: float = 0.0
 
 
 # A hook gets the context at layer K and returns the kept visual indices [B, k] (sorted), a
@@ -204,11 +224,15 @@ class LlamaEngine:
         prune_hook: PruneHook | None = None,
         record_layers: Iterable[int] = (),
         output: str = "logits",
+        reuse: ReusePlan | None = None,
     ) -> PrefillResult:
         """Run the prompt: last-position logits [B, V] (or with output="hidden" the final-norm
         hidden state [B, D]), the kept visual indices, the context and the last hidden rows.
 
         embeds: [B, T, D], left-padded by `pad` [B] rows: [pad, BOS, N visual, text].
+        reuse: visual rows to take from the previous prefill's K/V instead of computing them
+        (engine/reuse.py); ignored, with no reuse reported, unless `reuse.stamp` names the
+        prefill that last filled this cache (same batch, cache and layers that run).
         """
         b, t, d = embeds.shape
         device = embeds.device
@@ -219,6 +243,7 @@ class LlamaEngine:
         vis = torch.where((vis >= 0) & (vis < self.num_visual), vis, -1)
         self._ensure_cache(b, t + max_new_tokens, embeds)
         cache = self.cache
+        row_reuse = self._resolve_reuse(reuse, b)  # before begin_prefill rewrites the rows
         cache.begin_prefill(pos, valid, vis, has_padding=bool(pad.any()))
         ctx = PrefillContext(self, embeds, pos, pad, self.num_visual)
         record = set(record_layers)
@@ -255,6 +280,11 @@ class LlamaEngine:
                 ctx.hidden_in[i], ctx.positions_in[i] = h, pos
             if i in self.skip_layers:  # calibrated layer skipping: the residual stream passes
                 continue
+            split = row_reuse.rows(i, vis) if row_reuse is not None else None
+            if split is not None:  # some visual rows keep the previous step's K/V
+                row_reuse.move_kv(cache.k[i], cache.v[i], i, vis, split)
+                h = layer_rows(self, i, h, cos, sin, valid, split)
+                continue
             if self._prefill_fn is None:
                 h = self._layer(i, h, cos, sin, mask, start=0)
                 continue
@@ -274,7 +304,59 @@ class LlamaEngine:
         if self.static is not None:
             self.static.begin(cache, self.next_pos, max_new_tokens)
         out = self.lm.model.norm(h[:, -1]) if output == "hidden" else self._logits(h[:, -1])
-        return PrefillResult(out, kept, ctx, h)
+        reused = None if row_reuse is None else row_reuse.reused
+        return PrefillResult(out, kept, ctx, h, self._stamp(), reused)
+
+    # -- reuse of the previous step's visual K/V (VLA-Cache) ----------------------------------
+
+    def _stamp(self) -> PrefillStamp:
+        ran = frozenset(range(len(self.layers))) - self.skip_layers
+        return PrefillStamp(id(self.cache), self.cache.generation, ran)
+
+    def _resolve_reuse(self, plan: ReusePlan | None, batch: int) -> RowReuse | None:
+        if plan is None or plan.empty:
+            return None
+        if len(plan.tokens) != batch or plan.counts.shape[1] != len(self.layers):
+            raise ValueError(
+                f"ReusePlan for {len(plan.tokens)} slots x {plan.counts.shape[1]} layers, but "
+                f"this prefill has {batch} slots x {len(self.layers)} layers"
+            )
+        if plan.stamp != self._stamp():  # another prefill, cache or skip set came between
+            log.debug("reuse plan is for another prefill than the cache holds: not reused")
+            return None
+        return RowReuse(plan, self.cache.visual_rows(self.num_visual), self.num_visual)
+
+    @torch.inference_mode()
+    def greedy_decode(
+        self, first: torch.Tensor, steps: int, probe_layer: int | None = None
+    ) -> GreedyDecode:
+        """`steps` greedy tokens after `first` [B] (argmax over the whole vocabulary). The
+        static engine runs them in one call (one compiled graph, one CUDA graph); the eager
+        engine token by token (the reference)."""
+        if self.static is None or steps == 0:
+            tokens, logits, probes, probe_ms = [first], [], [], 0.0
+            for _ in range(steps):
+                step = self.decode(tokens[-1], probe_layer)
+                logits.append(step.logits)
+                tokens.append(step.logits.argmax(-1))
+                probe_ms += step.probe_ms
+                if step.probe is not None:
+                    probes.append(step.probe)
+            probe = torch.stack(probes).mean(0) if probes else None
+            stacked = torch.stack(logits, dim=1) if logits else first.new_zeros(0)
+            return GreedyDecode(torch.stack(tokens, dim=1), stacked, probe, probe_ms)
+        pos = self.next_pos[:, None]
+        tokens, logits, attn = self.static.greedy(
+            self.cache, first, pos, steps, self.skip_layers, probe_layer
+        )
+        self.next_pos = self.next_pos + steps
+        probe, probe_ms = None, 0.0
+        if attn is not None:  # summed over the steps in the graph; columns -> tokens is all
+            t0 = self.clock()
+            mean = (attn / steps)[:, None, None]  # [B, 1, 1, S]
+            probe = to_visual(mean, self.cache, probe_layer, self.num_visual)[:, :, 0]
+            probe_ms = (self.clock() - t0) * 1e3
+        return GreedyDecode(tokens, logits, probe, probe_ms)
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, probe_layer: int | None = None) -> DecodeStep:

@@ -32,12 +32,14 @@ from .rope import apply_rope
 log = logging.getLogger(__name__)
 
 
-def decode_layer(h, cos, sin, k_cache, v_cache, mask, at, w, eps: float, num_heads: int):
+def decode_layer(
+    h, cos, sin, k_cache, v_cache, mask, at, w, eps: float, num_heads: int, probs: bool
+):
     """One decoder layer for one new token per sample.
 
     h [B, 1, D]; cos/sin [B, 1, hd]; k_cache/v_cache [B, KVH, S, hd] (the layer's whole cache,
     row `at` [1] written here); mask [B, S] bool (valid keys; row `at` set here).
-    Returns (h [B, 1, D], attention probabilities [B, H, S] in fp32).
+    Returns (h [B, 1, D], with `probs` the attention probabilities [B, H, S] in fp32, else None).
     """
     ln1, qkv_w, o_w, ln2, gate_up_w, down_w = w
     b = h.shape[0]
@@ -49,18 +51,26 @@ def decode_layer(h, cos, sin, k_cache, v_cache, mask, at, w, eps: float, num_hea
     k_cache.index_copy_(2, at, k)
     v_cache.index_copy_(2, at, v)
     mask.index_fill_(1, at, True)
-    keys, values = k_cache, v_cache
-    if kv_heads != num_heads:  # grouped-query attention
-        keys = keys.repeat_interleave(num_heads // kv_heads, dim=1)
-        values = values.repeat_interleave(num_heads // kv_heads, dim=1)
-    scores = (q @ keys.transpose(-1, -2)).float() * head_dim**-0.5  # [B, H, 1, S]
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = (probs.to(values.dtype) @ values).transpose(1, 2).reshape(b, 1, -1)
-    h = h + linear(out, o_w)
+    p = None
+    if probs:  # the probe layer: explicit attention, its probabilities are the probe
+        keys, values = k_cache, v_cache
+        if kv_heads != num_heads:  # grouped-query attention
+            keys = keys.repeat_interleave(num_heads // kv_heads, dim=1)
+            values = values.repeat_interleave(num_heads // kv_heads, dim=1)
+        scores = (q @ keys.transpose(-1, -2)).float() * head_dim**-0.5  # [B, H, 1, S]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        out = weights.to(values.dtype) @ values
+        p = weights[:, :, 0]
+    else:  # SDPA: inductor lowers an explicit masked attention over S keys ~8x slower on CPU
+        out = F.scaled_dot_product_attention(
+            q, k_cache, v_cache, attn_mask=mask[:, None, None, :],
+            enable_gqa=kv_heads != num_heads,
+        )
+    h = h + linear(out.transpose(1, 2).reshape(b, 1, -1), o_w)
     gate, up = linear(rms_norm(h, ln2, eps), gate_up_w).chunk(2, dim=-1)
     h = h + linear(F.silu(gate) * up, down_w)
-    return h, probs[:, :, 0]
+    return h, p
 
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype):
@@ -71,24 +81,51 @@ def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtyp
 
 
 def decode_token(
-    token_ids, pos, embed_w, rope, k_caches, v_caches, masks, ats, weights, head, eps, num_heads
+    token_ids, pos, embed_w, rope, k_caches, v_caches, masks, ats, weights, head, eps, num_heads,
+    probe: int,
 ):
     """Embed the new tokens [B] at positions pos [B, 1], run every layer that runs (the lists
-    hold only those), then the final norm and lm_head.
-    Returns (logits [B, V] fp32, attention probabilities [layers, B, H, S])."""
+    hold only those), then the final norm and lm_head. `probe`: index (in those lists) of the
+    layer whose attention probabilities to return, -1 for none.
+    Returns (logits [B, V] fp32, attention probabilities [B, H, S] at `probe` or None)."""
     h = F.embedding(token_ids[:, None], embed_w)
     cos, sin = rope_cos_sin(pos, rope[0], rope[1], h.dtype)
-    probs = []
-    for k, v, m, at, w in zip(k_caches, v_caches, masks, ats, weights):
-        h, p = decode_layer(h, cos, sin, k, v, m, at, w, eps, num_heads)
-        probs.append(p)
+    probs = None
+    for i, (k, v, m, at, w) in enumerate(zip(k_caches, v_caches, masks, ats, weights)):
+        h, p = decode_layer(h, cos, sin, k, v, m, at, w, eps, num_heads, probs=i == probe)
+        if p is not None:
+            probs = p
         at.add_(1)
     norm_w, lm_w = head
     x = rms_norm(h[:, -1], norm_w, eps)
     if isinstance(lm_w, torch.Tensor):
         x = x.to(lm_w.dtype)  # the head may run in fp32 on a CPU (see StaticDecoder)
     logits = linear(x, lm_w).float()
-    return logits, torch.stack(probs) if probs else h.new_zeros(0)
+    return logits, probs
+
+
+def decode_greedy(
+    first, pos, embed_w, rope, k_caches, v_caches, masks, ats, weights, head, eps, num_heads,
+    probe: int, steps: int,
+):
+    """`steps` greedy tokens after `first` [B] in one graph (argmax over the whole vocabulary
+    fed back, as upstream's generate): one call per control step instead of one per token.
+    Returns (tokens [B, steps + 1], logits [B, steps, V] fp32, the `probe` layer's attention
+    averaged over heads and summed over the steps [B, S], or an empty tensor)."""
+    tokens, logits, attn = [first], [], None
+    for j in range(steps):
+        lg, probs = decode_token(
+            tokens[-1], pos + j, embed_w, rope, k_caches, v_caches, masks, ats, weights, head,
+            eps, num_heads, probe,
+        )
+        logits.append(lg)
+        tokens.append(lg.argmax(-1))
+        if probs is not None:
+            a = probs.mean(dim=1)  # heads -> [B, S]
+            attn = a if attn is None else attn + a
+    if attn is None:
+        attn = logits[0].new_zeros(0)
+    return torch.stack(tokens, dim=1), torch.stack(logits, dim=1), attn
 
 
 def _tensors(x) -> list[torch.Tensor]:
@@ -115,11 +152,18 @@ class StaticDecoder:
         self.num_heads = cfg.num_attention_heads
         self.compiled = compile
         self.cuda = lm.model.embed_tokens.weight.is_cuda
-        self._fn = decode_token
+        self._fn, self._greedy = decode_token, decode_greedy
         if compile:
             # dynamic=False: one shape (the cache capacity) -> one graph; CUDA graphs on a GPU.
             mode = "reduce-overhead" if self.cuda else None
             self._fn = torch.compile(decode_token, fullgraph=True, dynamic=False, mode=mode)
+            if not self.cuda:
+                # CPU: every compiled call costs ~0.1 ms of guards and wrappers, so the whole
+                # decode is one graph. CUDA: a token is one CUDA-graph replay (microseconds),
+                # and unrolling 6 tokens of a 32-layer 7B would only multiply compile time.
+                self._greedy = torch.compile(
+                    decode_greedy, fullgraph=True, dynamic=False, mode=mode
+                )
         rotary = lm.model.rotary_emb
         if "dynamic" in str(getattr(rotary, "rope_type", "default")):
             raise ValueError("static decode needs a fixed RoPE (inv_freq), not dynamic scaling")
@@ -161,20 +205,8 @@ class StaticDecoder:
         for g in set(cache.group):
             cache.describe_decode_rows(g, new)
 
-    def step(
-        self,
-        cache: KVCache,
-        token_ids: torch.Tensor,
-        pos: torch.Tensor,
-        skip_layers: frozenset[int],
-        probe_layer: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New tokens [B] at positions pos [B, 1] -> (logits [B, V], attention probabilities
-        [B, H, S] at `probe_layer` or None)."""
-        run = [i for i in range(len(self.weights)) if i not in skip_layers]
-        logits, probs = self._fn(
-            token_ids,
-            pos,
+    def _inputs(self, cache: KVCache, run: list[int]) -> tuple:
+        return (
             self._embed,
             self._rope,
             [cache.k[i] for i in run],
@@ -186,10 +218,60 @@ class StaticDecoder:
             self.eps,
             self.num_heads,
         )
+
+    def _advance(self, cache: KVCache, run: list[int], n: int) -> None:
         for i in run:
-            cache.length[i] += 1
+            cache.length[i] += n
         for g in set(cache.group):
-            cache.rows_len[g] += 1  # their metadata was written by begin()
-        if probe_layer is None or probe_layer not in run:
-            return logits, None
-        return logits, probs[run.index(probe_layer)]
+            cache.rows_len[g] += n  # their metadata was written by begin()
+
+    def greedy(
+        self,
+        cache: KVCache,
+        first: torch.Tensor,
+        pos: torch.Tensor,
+        steps: int,
+        skip_layers: frozenset[int],
+        probe_layer: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`steps` greedy tokens after `first` [B] from positions pos [B, 1] in one call ->
+        (tokens [B, steps + 1], logits [B, steps, V], head-averaged attention at `probe_layer`
+        summed over the steps [B, S] or None)."""
+        run = [i for i in range(len(self.weights)) if i not in skip_layers]
+        probe = run.index(probe_layer) if probe_layer in run else -1
+        inputs = self._inputs(cache, run)
+        if self.compiled and self.cuda:  # token by token: one CUDA-graph replay each
+            tokens, logits, attn = self._token_by_token(first, pos, inputs, probe, steps)
+        else:
+            tokens, logits, attn = self._greedy(first, pos, *inputs, probe, steps)
+        self._advance(cache, run, steps)
+        return tokens, logits, None if probe < 0 else attn
+
+    def _token_by_token(self, first, pos, inputs, probe: int, steps: int):
+        """decode_greedy's loop around the compiled one-token graph (same values)."""
+        tokens, logits, attn = [first], [], None
+        for j in range(steps):
+            lg, probs = self._fn(tokens[-1], pos + j, *inputs, probe)
+            lg = lg.clone()  # a CUDA graph's outputs are overwritten by its next replay
+            logits.append(lg)
+            tokens.append(lg.argmax(-1))
+            if probs is not None:
+                a = probs.mean(dim=1)
+                attn = a if attn is None else attn + a
+        return torch.stack(tokens, dim=1), torch.stack(logits, dim=1), attn
+
+    def step(
+        self,
+        cache: KVCache,
+        token_ids: torch.Tensor,
+        pos: torch.Tensor,
+        skip_layers: frozenset[int],
+        probe_layer: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New tokens [B] at positions pos [B, 1] -> (logits [B, V], attention probabilities
+        [B, H, S] at `probe_layer` or None)."""
+        run = [i for i in range(len(self.weights)) if i not in skip_layers]
+        probe = run.index(probe_layer) if probe_layer in run else -1
+        logits, probs = self._fn(token_ids, pos, *self._inputs(cache, run), probe)
+        self._advance(cache, run, 1)
+        return logits, probs

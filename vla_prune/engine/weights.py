@@ -73,10 +73,15 @@ class Int8Linear(nn.Module):
 
 
 def quantize_llm_linears(lm: nn.Module) -> int:
-    """Swap every Linear inside the LLM's decoder layers for an Int8Linear (lm_head and the
-    embeddings stay in the model's dtype: the argmax over the vocabulary is where action
-    tokens are decided). Returns how many were swapped."""
+    """Swap every Linear of the LLM — decoder layers and the lm_head, as gpt-fast's and
+    torchao's int8 weight-only do — for an Int8Linear; the embeddings stay in the model's
+    dtype. The lm_head matters: with a 32k vocabulary it is a third of a decode token's
+    weights (its effect on the argmax that picks action tokens is measured by
+    bench/engine_speed.py's token agreement). Returns how many were swapped."""
     n = 0
+    if isinstance(lm.lm_head, nn.Linear) and lm.lm_head.bias is None:
+        lm.lm_head = Int8Linear.from_linear(lm.lm_head)
+        n += 1
     for layer in lm.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):

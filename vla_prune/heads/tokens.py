@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..models.openvla import ActionTokenizer
 from .base import ActionHead, HeadOutput, Unnormalize
 
@@ -27,14 +25,10 @@ class TokenDecodingHead(ActionHead):
     def run(self, pre, engine, probe_layer: int | None, unnormalize: Unnormalize) -> HeadOutput:
         """Decode action_dim tokens. With `probe_layer`, the action-level score: each decode
         query's attention to the visual tokens at that layer, averaged over heads and steps."""
-        tokens, probes, probe_ms = [pre.output.argmax(-1)], [], 0.0
-        for _ in range(self.action_dim - 1):
-            step = engine.decode(tokens[-1], probe_layer)
-            tokens.append(step.logits.argmax(-1))
-            probe_ms += step.probe_ms
-            if step.probe is not None:
-                probes.append(step.probe.mean(dim=1))  # heads -> [B, N]
-        token_ids = torch.stack(tokens, dim=1).cpu().numpy()
+        out = engine.greedy_decode(pre.output.argmax(-1), self.action_dim - 1, probe_layer)
+        token_ids = out.tokens.cpu().numpy()
         normalized = self.action_tokenizer.decode(token_ids)[:, None]  # [B, 1, action_dim]
-        scores = torch.stack(probes).mean(0) if probes else None
-        return HeadOutput(unnormalize(normalized), normalized, token_ids, scores, probe_ms=probe_ms)
+        scores = None if out.probe is None else out.probe.mean(dim=1)  # heads -> [B, N]
+        return HeadOutput(
+            unnormalize(normalized), normalized, token_ids, scores, probe_ms=out.probe_ms
+        )

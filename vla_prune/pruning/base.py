@@ -92,11 +92,14 @@ def available() -> list[str]:
 
 
 def make_pruner(cfg: PruneConfig) -> Pruner:
+    """The strategy of cfg.method. "<method>+vla-cache" prunes with <method> (VLA-Cache's K/V
+    reuse is not a token choice: the policy runs it, vla_prune/pruning/vla_cache.py)."""
     try:
-        cls = _REGISTRY[cfg.method]
+        cls = _REGISTRY[cfg.token_method]
     except KeyError:
         raise ValueError(
-            f"unknown pruning method {cfg.method!r}; available: {available()}"
+            f"unknown pruning method {cfg.method!r}; available: {available()} "
+            "(and <method>+vla-cache for any of them)"
         ) from None
     return cls(cfg)
 

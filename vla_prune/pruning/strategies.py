@@ -1,3 +1,3 @@
 """Imports every built-in strategy so that its @register runs."""
 
-from . import divprune, efficientvla, fastv, simple, sparsevlm, vla_pruner  # noqa: F401
+from . import divprune, efficientvla, fastv, simple, sparsevlm, vla_cache, vla_pruner  # noqa: F401

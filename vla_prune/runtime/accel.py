@@ -45,7 +45,7 @@ def transfer_episode(src: Any, dst: Any) -> None:
 def baseline_level(spec: Any, policy: Any) -> AccelLevel:
     """The least accelerated level: what the run spec itself configures."""
     n = policy.config.num_patches
-    keep = n if spec.prune.method == "none" else spec.prune.budget(n)
+    keep = spec.prune.budget(n) if spec.prune.prunes else n
     weights = spec.weights or policy.engine_config.weights
     return AccelLevel(
         keep_count=keep,
@@ -101,7 +101,7 @@ class LevelRunner:
         from ..config import EngineConfig
 
         prune = self.spec.prune
-        if prune.method != "none":
+        if prune.prunes:  # vla-cache alone keeps every token, like dense
             prune = dataclasses.replace(prune, keep_ratio=None, keep_count=level.keep_count)
         kw: dict[str, Any] = {
             "prune": prune,
@@ -215,9 +215,9 @@ def build_level_front(
     """Candidates from `search` -> measured on `runner` -> the front (see levels.py)."""
     method = runner.spec.prune.method
     candidates = search.candidates(
-        runner.baseline, runner.num_visual, prunes=method != "none", has_dit=runner.has_dit
+        runner.baseline, runner.num_visual, prunes=runner.spec.prune.prunes, has_dit=runner.has_dit
     )
-    window = runner.spec.prune.warmup_steps if method != "none" else 0
+    window = runner.spec.prune.warmup_steps if runner.spec.prune.prunes else 0
     measured, failed = measure_levels(
         runner, candidates, search.timing_steps, max(warmup, window), step_fn, token_stages
     )
