@@ -49,9 +49,10 @@ def frames(policy, n: int, seed: int) -> list[np.ndarray]:
         return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def run(policy_name: str, steps: int, seed: int) -> dict:
+def run(policy_name: str, steps: int, seed: int, settings=SETTINGS) -> dict:
     policy = vla_prune.policy_from(policy_name)
-    labels = [f"{m}{s}" for s in SETTINGS for m in METHODS]
+    settings = ("", *(s for s in settings if s))  # eager fp32 first: the ratios' baseline
+    labels = [f"{m}{s}" for s in settings for m in METHODS]
     configs = make_configs(policy, tuple(labels))
     images = frames(policy, 8, seed)
     compile_s = {}
@@ -114,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/cpu-engine-speed")
+    ap.add_argument(
+        "--settings", nargs="+", default=list(SETTINGS), metavar="S",
+        help="engine settings besides eager fp32, e.g. +compile+int8 (default: all four)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    results = [run(p, args.steps, args.seed) for p in args.policy]
+    results = [run(p, args.steps, args.seed, tuple(args.settings)) for p in args.policy]
     command = "python bench/engine_speed.py " + " ".join(sys.argv[1:])
     text = "\n\n".join(table(r) for r in results) + f"\n\nCommand: `{command}`\n"
     print(text)

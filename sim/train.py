@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,14 @@ import torch.nn.functional as F
 
 import vla_prune
 from sim.dataset import AUX_DIM, DemoBatches
+from sim.grounding import (
+    GroundingHead,
+    GroundingScenes,
+    evaluate_grounding,
+    grounding_logits,
+    grounding_loss,
+)
+from sim.pretrain_vision import load_vision_backbone
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,12 @@ class TrainConfig:
     val_data: str = ""  # held-out scenes: validation loss/accuracy at every save
     val_size: int = 256  # validation transitions (evenly spaced over val_data)
     init_from: str = ""  # start from a trained checkpoint's weights (e.g. CogACT from OpenVLA)
+    init_vision: str = ""  # pretrained ViT pair (sim.pretrain_vision), loaded after init_from
+    ground_weight: float = 0.0  # >0: grounding objective on fresh rendered scenes (sim.grounding)
+    ground_batch: int = 16  # fresh scenes per step for the grounding loss
+    ground_heldout: int = 200  # held-out grounding scenes, measured at every save
+    export_dir: str = ""  # also write the policy + log + training heads here (commit-able)
+    export_every_min: float = 20.0  # ... at the first save after this many minutes
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
     seed: int = 0
     threads: int = 2
@@ -214,6 +229,15 @@ def validate(policy, val: DemoBatches, cfg: TrainConfig, aux_head=None) -> dict[
     return {k: round(v, 4) for k, v in totals.items()}
 
 
+def _ground_step(policy, head, scenes, step: int, cfg: TrainConfig):
+    """Grounding loss and accuracy on this step's fresh scenes (sim.grounding)."""
+    pixels, prompts, masks, _ = scenes.for_step(step, cfg.ground_batch, cfg.seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        hidden, lengths = last_hidden(policy, pixels, prompts)
+        logits = grounding_logits(head, hidden, lengths, masks.shape[-1])
+    return grounding_loss(logits, masks)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -228,11 +252,21 @@ def train(cfg: TrainConfig) -> Path:
     policy = vla_prune.build_policy(cfg.preset, seed=cfg.seed)
     if cfg.init_from:
         init_weights(policy.model, cfg.init_from)
+    if cfg.init_vision:
+        load_vision_backbone(policy.model.vision_backbone, cfg.init_vision)
+        log.info("vision backbone from %s", cfg.init_vision)
     data = DemoBatches(cfg.data, policy, cfg)
     val = DemoBatches(cfg.val_data, policy, cfg, stats=data.stats) if cfg.val_data else None
     model = policy.model.train()
     aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM) if cfg.aux_weight > 0 else None
+    ground_head = None
+    if cfg.ground_weight > 0:
+        with torch.random.fork_rng():  # seeded init, and the global RNG left as it was
+            torch.manual_seed(cfg.seed + 1)
+            ground_head = GroundingHead(policy.config.llm_dim)
+    scenes = GroundingScenes(policy) if ground_head is not None else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
+    params += list(ground_head.parameters()) if ground_head else []
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -248,17 +282,21 @@ def train(cfg: TrainConfig) -> Path:
     step = 0
     if state_path.exists():  # resume
         state = torch.load(state_path, weights_only=True)
-        if state["config"] != asdict(cfg):
+        # fields added later take their defaults, so older states still resume
+        if asdict(TrainConfig(**state["config"])) != asdict(cfg):
             raise ValueError(f"{state_path} was written with a different config; use a new --out")
         model.load_state_dict(state["model"])
         if aux_head is not None:
             aux_head.load_state_dict(state["aux_head"])
+        if ground_head is not None:
+            ground_head.load_state_dict(state["ground_head"])
         opt.load_state_dict(state["optim"])
         gen.set_state(state["generator"])
         step = state["step"]
         log.info("resumed at step %d", step)
     log_file = (out / "train_log.jsonl").open("a")
     t0, seen = time.perf_counter(), 0
+    last_export = time.monotonic()
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -273,8 +311,12 @@ def train(cfg: TrainConfig) -> Path:
                 loss, acc, aux_loss = diffusion_loss(
                     policy, pixels, prompts, actions, gen, aux_head=aux_head, aux=aux
                 )
+        total = loss + cfg.aux_weight * aux_loss
+        if ground_head is not None:
+            g_loss, g_acc = _ground_step(policy, ground_head, scenes, step, cfg)
+            total = total + cfg.ground_weight * g_loss
         opt.zero_grad(set_to_none=True)
-        (loss + cfg.aux_weight * aux_loss).backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
@@ -290,6 +332,11 @@ def train(cfg: TrainConfig) -> Path:
                 "lr": lr_at(step, cfg),
                 "samples_per_s": round(rate, 1),
             }
+            if ground_head is not None:
+                rec |= {
+                    "ground_loss": round(g_loss.item(), 4),
+                    "ground_acc": round(g_acc.item(), 4),
+                }
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             log.info(
@@ -309,6 +356,7 @@ def train(cfg: TrainConfig) -> Path:
                 {
                     "model": model.state_dict(),
                     "aux_head": aux_head.state_dict() if aux_head else {},
+                    **({"ground_head": ground_head.state_dict()} if ground_head else {}),
                     "optim": opt.state_dict(),
                     "generator": gen.get_state(),
                     "step": step,
@@ -322,6 +370,21 @@ def train(cfg: TrainConfig) -> Path:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 log.info("step %d held-out: %s", step, rec)
+            if ground_head is not None and cfg.ground_heldout > 0:
+                g = evaluate_grounding(
+                    policy, ground_head, scenes, cfg.ground_heldout, last_hidden, cfg.bf16
+                )
+                log_file.write(json.dumps({"step": step, "ground_heldout": g}) + "\n")
+                log_file.flush()
+                log.info("step %d held-out grounding: %s", step, g)
+            due = time.monotonic() - last_export >= 60 * cfg.export_every_min
+            if cfg.export_dir and (due or step == cfg.steps):
+                log_file.flush()
+                _export_run(policy, data.stats, out, Path(cfg.export_dir), aux_head, ground_head)
+                policy.model.train()
+                last_export = time.monotonic()
+    if scenes is not None:
+        scenes.close()
     model.eval()
     policy.norm_stats = {UNNORM_KEY: data.stats}
     policy.unnorm_key = UNNORM_KEY
@@ -329,6 +392,24 @@ def train(cfg: TrainConfig) -> Path:
     (final / "training.json").write_text(json.dumps({"config": asdict(cfg)}, indent=2))
     log.info("wrote %s", final)
     return final
+
+
+def _export_run(policy, stats: dict, out: Path, dest: Path, aux_head, ground_head) -> None:
+    """An intermediate checkpoint small enough to commit: the policy in load_policy's layout
+    (no optimizer state; continue with --init-from DEST/policy), the training-only heads
+    (safetensors) and a copy of the log."""
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    policy.norm_stats, policy.unnorm_key = {UNNORM_KEY: stats}, UNNORM_KEY
+    policy.save(dest / "policy")
+    heads = {f"aux_head.{k}": v for k, v in (aux_head.state_dict() if aux_head else {}).items()}
+    if ground_head is not None:
+        heads |= {f"ground_head.{k}": v for k, v in ground_head.state_dict().items()}
+    if heads:
+        save_file({k: v.contiguous() for k, v in heads.items()}, str(dest / "heads.safetensors"))
+    shutil.copyfile(out / "train_log.jsonl", dest / "train_log.jsonl")
+    log.info("exported the policy to %s", dest)
 
 
 def export(out: str | Path, data: str | None = None) -> Path:
