@@ -30,24 +30,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def prefill_layer(
-    h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, gqa: bool, mask=None
-):
-    """One decoder layer over the prefill rows h [B, T, D] -> (h, k, v), k/v [B, KVH, T, hd]
-    rotated, for the caller to put in the KV cache. mask: None (causal) or [B, 1, T, T] bool."""
-    ln1, qkv_w, o_w, ln2, gate_up_w, down_w = w
+def _qkv(h, cos, sin, w, eps: float, num_heads: int, kv_heads: int):
+    """The attention inputs of prefill rows h [B, T, D]: rotated q, k, v [B, heads, T, hd]."""
+    ln1, qkv_w = w[0], w[1]
     b, t, _ = h.shape
     head_dim = cos.shape[-1]
     x = rms_norm(h, ln1, eps)
     qkv = linear(x, qkv_w).view(b, t, num_heads + 2 * kv_heads, head_dim).transpose(1, 2)
     q, k, v = qkv.split([num_heads, kv_heads, kv_heads], dim=1)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _finish(h, out, w, eps: float):
+    """The rest of the layer after attention (out [B, H, T, hd]): o_proj, residual, MLP."""
+    o_w, ln2, gate_up_w, down_w = w[2:]
+    b, t, _ = h.shape
+    h = h + linear(out.transpose(1, 2).reshape(b, t, -1), o_w)
+    gate, up = linear(rms_norm(h, ln2, eps), gate_up_w).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, down_w)
+
+
+def prefill_layer(
+    h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, gqa: bool, mask=None
+):
+    """One decoder layer over the prefill rows h [B, T, D] -> (h, k, v), k/v [B, KVH, T, hd]
+    rotated, for the caller to put in the KV cache. mask: None (causal) or [B, 1, T, T] bool."""
+    q, k, v = _qkv(h, cos, sin, w, eps, num_heads, kv_heads)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
     )  # gqa comes as a bool: with dynamic shapes `kv_heads != num_heads` would be symbolic
-    h = h + linear(out.transpose(1, 2).reshape(b, t, -1), o_w)
-    gate, up = linear(rms_norm(h, ln2, eps), gate_up_w).chunk(2, dim=-1)
-    return h + linear(F.silu(gate) * up, down_w), k, v
+    return _finish(h, out, w, eps), k, v
 
 
 def prefill_rows_layer(h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, attend):
@@ -55,17 +67,8 @@ def prefill_rows_layer(h, cos, sin, w, eps: float, num_heads: int, kv_heads: int
     values join the others in the cache: attend(q, k, v) writes k/v there and returns the
     attention output [B, H, n, hd] over the whole cache (engine/reuse.py). Eager: the row count
     varies per layer and step (VLA-Cache), one more dynamic-shape graph is not worth it here."""
-    ln1, qkv_w, o_w, ln2, gate_up_w, down_w = w
-    b, t, _ = h.shape
-    head_dim = cos.shape[-1]
-    x = rms_norm(h, ln1, eps)
-    qkv = linear(x, qkv_w).view(b, t, num_heads + 2 * kv_heads, head_dim).transpose(1, 2)
-    q, k, v = qkv.split([num_heads, kv_heads, kv_heads], dim=1)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attend(q, k, v)
-    h = h + linear(out.transpose(1, 2).reshape(b, t, -1), o_w)
-    gate, up = linear(rms_norm(h, ln2, eps), gate_up_w).chunk(2, dim=-1)
-    return h + linear(F.silu(gate) * up, down_w)
+    q, k, v = _qkv(h, cos, sin, w, eps, num_heads, kv_heads)
+    return _finish(h, attend(q, k, v), w, eps)
 
 
 def weight_of(module: torch.nn.Module) -> Linear:
