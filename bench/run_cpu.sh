@@ -10,6 +10,7 @@ python bench/prefill_speedup.py --policy small-openvla --keep 0.5 0.25 0.125 --r
     --out "$out/cpu-prefill-speedup-small-openvla.json" | tee "$out/cpu-prefill-speedup-small-openvla.txt"
 python bench/pruning_overhead.py --policy embedded-openvla tiny-openvla small-openvla --steps 20 \
     --out "$out/cpu-pruning-overhead.json" | tee "$out/cpu-pruning-overhead.txt"
+python bench/vla_cache_speed.py --policy small-openvla --steps 20 --out "$out/cpu-vla-cache-speed"
 python bench/engine_speed.py --policy embedded-openvla small-openvla --steps 20 \
     --out "$out/cpu-engine-speed"
 vla-prune bench --policy small-openvla --steps 8 --out "$out"
