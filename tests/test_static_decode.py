@@ -65,6 +65,13 @@ def _same(got, want):
             assert a.kept_visual_tokens == b.kept_visual_tokens
             if b.action_scores is not None:  # the decode-time probe VLA-Pruner feeds on
                 np.testing.assert_allclose(a.action_scores, b.action_scores, rtol=1e-4, atol=1e-7)
+            # the prefill's semantic probe: the static layer computes the last row itself (from
+            # its fused q/k), eager recomputes it; fp32 round-off of softmax inputs ~1e-6
+            assert (a.semantic_scores is None) == (b.semantic_scores is None)
+            if b.semantic_scores is not None:
+                np.testing.assert_allclose(
+                    a.semantic_scores, b.semantic_scores, rtol=1e-4, atol=1e-7
+                )
         assert_logits_close(l_got, l_want)
 
 

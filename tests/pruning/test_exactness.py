@@ -400,9 +400,10 @@ def test_probes_bit_identical_to_the_reference(monkeypatch):
         return attn
 
     monkeypatch.setattr(runner, "attention_from_queries", spy)
-    for instructions in (INSTRUCTIONS["one"], INSTRUCTIONS["padded-batch"]):
+    # one sample and an unpadded batch: the cache's slice layout; padding: the column search
+    for instructions in INSTRUCTIONS.values():
         policy.configure(prune=PruneConfig(method="vla-pruner", keep_count=40, warmup=0))
         images = [random_image(50 + i) for i in range(len(instructions))]
         for _ in range(2):
             policy.step_batch(images, instructions)
-    assert len(seen) == 2 * 2 * 6 and all(seen)
+    assert len(seen) == 3 * 2 * 6 and all(seen)

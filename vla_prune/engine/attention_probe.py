@@ -129,6 +129,18 @@ def to_visual(attn: torch.Tensor, cache: KVCache, layer_idx: int, num_visual: in
 
     Visual tokens that are not in this layer's cache (pruned) get 0.
     """
+    layout = cache.visual_layout(layer_idx)
+    if layout is not None:  # the visual rows are one slice of columns: no column search
+        start, ids = layout
+        part = attn.narrow(-1, start, num_visual if ids is None else ids.shape[1])
+        if ids is None:
+            return part.clone()  # a copy, as below: attn may be a CUDA graph's output buffer
+        out = attn.new_zeros(*attn.shape[:-1], num_visual)
+        if ids.shape[0] == 1:
+            return out.index_copy_(-1, ids[0], part)
+        return out.scatter_(
+            -1, ids.view(ids.shape[0], *[1] * (attn.dim() - 2), -1).expand_as(part), part
+        )
     cols, vis = cache.visual_columns(layer_idx)  # [B, n_vis_here] each
     plan = _visual_plan(cols, vis, num_visual)
     if plan.index1 is not None and attn.dtype == torch.float32:

@@ -53,13 +53,28 @@ def _finish(h, out, w, eps: float):
 def prefill_layer(
     h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, gqa: bool, mask=None
 ):
-    """One decoder layer over the prefill rows h [B, T, D] -> (h, k, v), k/v [B, KVH, T, hd]
-    rotated, for the caller to put in the KV cache. mask: None (causal) or [B, 1, T, T] bool."""
+    """One decoder layer over the prefill rows h [B, T, D] -> (h, k, v, last), k/v
+    [B, KVH, T, hd] rotated, for the caller to put in the KV cache; `last` [B, H, 1, T] fp32
+    is the last row's attention probabilities (the semantic probe of FastV / VLA-Pruner),
+    computed here from the layer's own q and k: one small matmul in the graph instead of a
+    q projection, RoPE and softmax recomputed by the probe afterwards (attention_probe.py).
+    mask: None (causal) or [B, 1, T, T] bool."""
     q, k, v = _qkv(h, cos, sin, w, eps, num_heads, kv_heads)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
     )  # gqa comes as a bool: with dynamic shapes `kv_heads != num_heads` would be symbolic
-    return _finish(h, out, w, eps), k, v
+    return _finish(h, out, w, eps), k, v, _last_row_attention(q, k, mask, gqa)
+
+
+def _last_row_attention(q, k, mask, gqa: bool) -> torch.Tensor:
+    """softmax(q_last k^T / sqrt(hd)) [B, H, 1, T] in fp32; the last prompt row sees every key
+    but left padding (mask's last row)."""
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q[:, :, -1:] @ k.transpose(2, 3)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, -1:], float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def prefill_rows_layer(h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, attend):

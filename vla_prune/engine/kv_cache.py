@@ -39,6 +39,9 @@ class KVCache:
         self.rows_len = [0, 0]  # rows described per group (independent of which layers run)
         self.has_padding = False
         self._visual_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # per group: (row of its first visual token in every sample, the visual token ids of
+        # its visual rows [B, m] or None = all of them in order) when the engine said so
+        self._visual_layout: list[tuple[int, torch.Tensor | None] | None] = [None, None]
         self.generation = 0  # prefills begun on this cache (reuse checks it is the last one)
 
     def fits(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -51,15 +54,21 @@ class KVCache:
         )
 
     def begin_prefill(
-        self, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor, has_padding: bool
+        self,
+        pos: torch.Tensor,
+        valid: torch.Tensor,
+        vis: torch.Tensor,
+        has_padding: bool,
+        visual_start: int | None = None,
     ) -> None:
         """A new prompt: every layer empty (a skipped layer holds nothing, no stale keys) and
-        in group 0, whose rows are the whole prefill's."""
+        in group 0, whose rows are the whole prefill's. visual_start: the row of visual token
+        0 when it is the same in every sample and the visual tokens follow it in order."""
         self.generation += 1
         self.has_padding = has_padding
         self.length = [0] * len(self.k)
         self.group = [0] * len(self.k)
-        self.set_rows(0, pos, valid, vis)
+        self.set_rows(0, pos, valid, vis, None if visual_start is None else (visual_start, None))
 
     def visual_rows(self, num_visual: int) -> list[torch.Tensor | None]:
         """Per layer: the cache row of each visual token [B, num_visual] (-1: not held), None
@@ -85,14 +94,29 @@ class KVCache:
         return out
 
     def prune_from(
-        self, layer: int, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor
+        self,
+        layer: int,
+        pos: torch.Tensor,
+        valid: torch.Tensor,
+        vis: torch.Tensor,
+        visual: tuple[int, torch.Tensor] | None = None,
     ) -> None:
-        """Layers from `layer` on hold only the kept rows: group 1, with these rows."""
-        self.set_rows(1, pos, valid, vis)
+        """Layers from `layer` on hold only the kept rows: group 1, with these rows.
+        visual: (row of the first kept visual token in every sample, kept ids [B, k] in row
+        order), when the kept rows are contiguous from one row in every sample."""
+        self.set_rows(1, pos, valid, vis, visual)
         self.group[layer:] = [1] * (len(self.k) - layer)
 
-    def set_rows(self, group: int, pos: torch.Tensor, valid: torch.Tensor, vis: torch.Tensor):
+    def set_rows(
+        self,
+        group: int,
+        pos: torch.Tensor,
+        valid: torch.Tensor,
+        vis: torch.Tensor,
+        visual: tuple[int, torch.Tensor | None] | None = None,
+    ):
         self._visual_cols.pop(group, None)
+        self._visual_layout[group] = visual
         n = pos.shape[1]
         self.pos[group][:, :n] = pos
         self.valid[group][:, :n] = valid
@@ -127,6 +151,12 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         self.length[layer] = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def visual_layout(self, layer: int) -> tuple[int, torch.Tensor | None] | None:
+        """(row of the first visual token in every sample, visual token ids of the rows from
+        there [B, m] or None = all in order) at `layer`, when the engine described it; the
+        attention probe then slices instead of searching (attention_probe.to_visual)."""
+        return self._visual_layout[self.group[layer]]
 
     def visual_columns(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cache columns [B, n], visual token ids [B, n]) of the visual rows at `layer`.

@@ -41,6 +41,9 @@ class PrefillContext:
     current: torch.Tensor | None = None  # [B, T, D] the hidden states entering layer K
     # layer -> position ids of its rows (layers from the pruning point on hold fewer rows)
     positions_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> its last row's attention over the layer's cached keys [B, H, 1, L], where the
+    # layer computed it itself (the static engine's prefill); else the probe recomputes it
+    last_row_attention: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def vis_start(self) -> torch.Tensor:  # [B] row of visual token 0 (after padding and BOS)
@@ -244,7 +247,10 @@ class LlamaEngine:
         self._ensure_cache(b, t + max_new_tokens, embeds)
         cache = self.cache
         row_reuse = self._resolve_reuse(reuse, b)  # before begin_prefill rewrites the rows
-        cache.begin_prefill(pos, valid, vis, has_padding=bool(pad.any()))
+        has_padding = bool(pad.any())
+        # [BOS, visual..., text]: without padding visual token 0 is row 1 of every sample
+        visual_start = None if has_padding else 1
+        cache.begin_prefill(pos, valid, vis, has_padding, visual_start)
         ctx = PrefillContext(self, embeds, pos, pad, self.num_visual)
         record = set(record_layers)
         if prune_hook is not None and prune_layer is not None and prune_layer > 0:
@@ -273,7 +279,8 @@ class LlamaEngine:
                             (valid, True),
                             (vis, -1),
                         )
-                    cache.prune_from(i, pos, valid, vis)
+                    layout = None if visual_start is None else (visual_start, kept)
+                    cache.prune_from(i, pos, valid, vis, layout)
                     mask = _prefill_mask(valid) if cache.has_padding else None
                     cos, sin = self._rotary(h, pos)
             if i in record:
@@ -288,7 +295,7 @@ class LlamaEngine:
             if self._prefill_fn is None:
                 h = self._layer(i, h, cos, sin, mask, start=0)
                 continue
-            h, k, v = self._prefill_fn(
+            h, k, v, last = self._prefill_fn(
                 h,
                 cos,
                 sin,
@@ -300,6 +307,8 @@ class LlamaEngine:
                 mask,
             )
             cache.write(i, 0, k, v)
+            if i in record:
+                ctx.last_row_attention[i] = last
         self.next_pos = pos[:, -1] + 1
         if self.static is not None:
             self.static.begin(cache, self.next_pos, max_new_tokens)

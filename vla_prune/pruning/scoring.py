@@ -157,7 +157,9 @@ def _visual_embeddings(ctx: PrefillContext, starts: list[int]) -> torch.Tensor:
 
 @torch.inference_mode()
 def _last_token_attention(ctx: PrefillContext, layer: int, starts: list[int]) -> torch.Tensor:
-    """ctx.attention(layer, row -1) [B, H, 1, N], bit for bit, with less around it.
+    """ctx.attention(layer, row -1) [B, H, 1, N], with less around it: bit for bit on the
+    eager engine; the static engine's prefill layer computed the row itself (from its fused
+    q/k projection: the same values within round-off) and it is only sliced here.
 
     Before the pruning point (row group 0) the layer's cache holds every prefill row, so
     visual token j of sample b is cache column vis_start[b] + j (starts: ctx.vis_start): with
@@ -167,15 +169,17 @@ def _last_token_attention(ctx: PrefillContext, layer: int, starts: list[int]) ->
     engine, hidden = ctx.engine, ctx.hidden_in.get(layer)
     if hidden is None or engine.cache.group[layer] != 0:
         return ctx.attention(layer, _last_row(len(starts), ctx.pad.device))
-    attn = attention_rows(
-        engine.layers[layer],
-        engine.lm.model.rotary_emb,
-        engine.cache,
-        layer,
-        hidden[:, -1:],  # left padding: the last row is every sample's last prompt token
-        ctx.positions_in[layer][:, -1:],
-        engine.num_heads,
-    )
+    attn = ctx.last_row_attention.get(layer)  # the static engine's layer computed it
+    if attn is None:  # the eager engine (the reference): recompute q for the one row
+        attn = attention_rows(
+            engine.layers[layer],
+            engine.lm.model.rotary_emb,
+            engine.cache,
+            layer,
+            hidden[:, -1:],  # left padding: the last row is every sample's last prompt token
+            ctx.positions_in[layer][:, -1:],
+            engine.num_heads,
+        )
     n = ctx.num_visual
     if all(x == starts[0] for x in starts):
         return attn.narrow(-1, starts[0], n)
