@@ -54,17 +54,23 @@ def _all_visual(pre, b, n, layers, first=0):
     return ReusePlan([torch.arange(n) for _ in range(b)], counts, pre.stamp)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-engine"])
-def test_every_visual_row_reused_equals_dense(static):
+@pytest.mark.parametrize(
+    "static, compile",
+    [(False, False), (True, False), pytest.param(True, True, marks=pytest.mark.slow)],
+    ids=["eager", "static-engine", "compiled"],
+)
+def test_every_visual_row_reused_equals_dense(static, compile):
+    """compiled: the reused layers run prefill_rows_layer's compiled halves (dynamic rows)."""
     policy = tiny_policy(0)
     engine = policy.engine
-    engine.use_static_decode(static)
+    engine.use_static_decode(static, compile=compile)
     n, layers = engine.num_visual, len(engine.layers)
     embeds, pad = _inputs(policy, [random_image(0)], [INSTRUCTIONS[0]])
     first, dense = _run(engine, embeds, pad)
     pre, got = _run(engine, embeds, pad, reuse=_all_visual(first, 1, n, layers))
     assert pre.reused.tolist() == [[n] * layers]  # every visual row of every layer reused
     assert_logits_close(got, dense)
+    assert (engine.rows_halves() is not None) == compile
     # nothing reused -> the dense path itself, bit for bit (an empty plan, a stale stamp)
     _, again = _run(engine, embeds, pad, reuse=_all_visual(first, 1, 0, layers))
     assert torch.equal(again, dense)
@@ -156,6 +162,35 @@ def test_reuse_never_crosses_reset():
     policy.reset_slot(1)
     a, b = policy.step_batch([frame, frame], INSTRUCTIONS[:2])
     assert a.extra["reused_rows"].sum() > 0 and b.extra["reused_rows"].sum() == 0
+
+
+def test_entropy_schedule_is_recomputed_every_n_steps_and_after_reset(monkeypatch):
+    """schedule_every=3: the per-layer entropy probe runs at steps 0, 3, 6 of an episode, and
+    at the first step after reset(); the steps between reuse the last schedule."""
+    from vla_prune.pruning import vla_cache
+
+    calls = []
+    real = vla_cache.layer_entropies
+
+    def spy(ctx, layers):
+        calls.append(step[0])
+        return real(ctx, layers)
+
+    monkeypatch.setattr(vla_cache, "layer_entropies", spy)
+    cfg = VLACacheConfig(schedule_every=3)
+    policy = tiny_policy(5).configure(prune=PruneConfig(method="vla-cache", vla_cache=cfg))
+    frame, step = random_image(7), [0]
+    fractions = []
+    for t in range(7):
+        step[0] = t
+        policy.step(frame, INSTRUCTIONS[0])
+        fractions.append(policy._reuse[0].fractions.copy())
+    assert calls == [0, 3, 6]
+    assert all(np.array_equal(fractions[t], fractions[0]) for t in (1, 2))
+    policy.reset()
+    step[0] = 100
+    policy.step(frame, INSTRUCTIONS[0])
+    assert calls == [0, 3, 6, 100]
 
 
 def test_batch_slots_keep_their_own_reuse():
@@ -254,6 +289,8 @@ def test_method_pieces_follow_upstream():
         (lambda: VLACacheConfig(relevance_top_k=2), "relevance_top_k"),
         (lambda: VLACacheConfig(entropy_damping=-1), "entropy_damping"),
         (lambda: VLACacheConfig(layers=(1, -2)), "layers"),
+        (lambda: VLACacheConfig(schedule_every=0), "schedule_every"),
+        (lambda: VLACacheConfig(schedule_every=True), "schedule_every"),
         (lambda: PruneConfig(method="vla-cache", vla_cache={"foo": 1}), "unknown keys"),
         (lambda: ReusePlan([torch.arange(3)], torch.tensor([[-1, 2]]), None), ">= 0"),
         (lambda: ReusePlan([torch.arange(3)], torch.zeros(2, 4), None), "one row per slot"),

@@ -33,6 +33,10 @@ class VLACacheConfig:
     # Layers where the reused set may grow (it never shrinks: a row not computed at layer l has
     # no input for layer l + 1); default: (2, 6, 9, 11) of 32, scaled to the model's depth.
     layers: tuple[int, ...] | None = None
+    # Steps between recomputing the per-layer entropy schedule (1 = every step, as upstream,
+    # whose eager attention maps give it for free; here it costs a probe of every layer's text
+    # rows, ~7 ms a step on small-openvla's CPU step). In between, the last schedule is kept.
+    schedule_every: int = 1
 
     def __post_init__(self):
         t = self.similarity_threshold
@@ -47,6 +51,9 @@ class VLACacheConfig:
         d = self.entropy_damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
             raise ValueError(f"VLACacheConfig.entropy_damping must be in [0, 1], got {d!r}")
+        e = self.schedule_every
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise ValueError(f"VLACacheConfig.schedule_every must be an int >= 1, got {e!r}")
         r = self.relevance_layer
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"VLACacheConfig.relevance_layer must be an int >= 0, got {r!r}")

@@ -77,13 +77,24 @@ def _last_row_attention(q, k, mask, gqa: bool) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def prefill_rows_layer(h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, attend):
+def prefill_rows_layer(
+    h, cos, sin, w, eps: float, num_heads: int, kv_heads: int, attend, halves=None
+):
     """prefill_layer for a subset of the rows (h [B, n, D], cos/sin [B, n, hd]) whose keys and
     values join the others in the cache: attend(q, k, v) writes k/v there and returns the
-    attention output [B, H, n, hd] over the whole cache (engine/reuse.py). Eager: the row count
-    varies per layer and step (VLA-Cache), one more dynamic-shape graph is not worth it here."""
-    q, k, v = _qkv(h, cos, sin, w, eps, num_heads, kv_heads)
-    return _finish(h, attend(q, k, v), w, eps)
+    attention output [B, H, n, hd] over the whole cache (engine/reuse.py). halves: the two
+    halves around `attend` to run, (qkv, finish) — compiled ones from compiled_halves(), or by
+    default these functions eagerly."""
+    qkv, finish = halves or (_qkv, _finish)
+    q, k, v = qkv(h, cos, sin, w, eps, num_heads, kv_heads)
+    return finish(h, attend(q, k, v), w, eps)
+
+
+def compiled_halves():
+    """prefill_rows_layer's halves compiled with dynamic shapes (the row count varies per
+    layer and step under VLA-Cache: one graph each for all of them); `attend` (index writes
+    into the cache, SDPA with a row mask) stays eager between them."""
+    return torch.compile(_qkv, dynamic=True), torch.compile(_finish, dynamic=True)
 
 
 def weight_of(module: torch.nn.Module) -> Linear:

@@ -194,8 +194,8 @@ def layer_rows(engine, idx: int, h, cos, sin, valid, rows: LayerRows) -> torch.T
     (the others keep the previous step's K/V, already in the cache); returns h with those rows
     updated.
 
-    Eager on both engines: with EngineConfig(compile=True) the layers without reuse keep
-    the compiled prefill_layer, these run prefill_rows_layer on the same fused weights."""
+    The static engine runs prefill_rows_layer on its fused weights (with EngineConfig(compile=
+    True) its two halves compiled, dynamic in the row count), the eager one the modules."""
     b, t, _ = h.shape
 
     def take(x):
@@ -213,7 +213,8 @@ def layer_rows(engine, idx: int, h, cos, sin, valid, rows: LayerRows) -> torch.T
     if engine.static is not None:
         w = engine.static.weights[idx]
         hq = prefill_rows_layer(
-            hq, cq, sq, w, engine.static.eps, engine.num_heads, engine.kv_heads, attend
+            hq, cq, sq, w, engine.static.eps, engine.num_heads, engine.kv_heads, attend,
+            engine.rows_halves(),
         )
     else:
         layer = engine.layers[idx]

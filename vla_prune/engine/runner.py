@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from .attention_probe import attention_from_queries, attention_rows, to_visual
-from .functional import prefill_layer
+from .functional import compiled_halves, prefill_layer
 from .kv_cache import KVCache
 from .reuse import PrefillStamp, ReusePlan, RowReuse, layer_rows
 from .rope import apply_rope
@@ -136,12 +136,16 @@ class LlamaEngine:
         # The static-shape decode step (static_decode.py); None = the eager decode below.
         self.static: StaticDecoder | None = None
         self._prefill_fn = None  # with `static`: the functional prefill layer (functional.py)
+        # with `static` compiled: VLA-Cache's row-subset layer halves, compiled on first use
+        # (reused rows only), so the other methods compile no extra graphs
+        self._row_halves, self._compile_rows = None, False
 
     def use_static_decode(self, enabled: bool, compile: bool = False) -> None:
         """Decode with whole-cache attention at a fixed cache capacity (compiled if asked);
         the eager decode stays the reference it is tested against."""
         self.cache = None  # reallocate (at the static capacity)
         self._prefill_fn = None
+        self._row_halves, self._compile_rows = None, False
         if not enabled:
             self.static = None
             return
@@ -149,6 +153,13 @@ class LlamaEngine:
         # The prefill runs the same fused weights; its row count varies with the budget and the
         # prompt, so its graph is compiled with dynamic shapes (one graph for all of them).
         self._prefill_fn = torch.compile(prefill_layer, dynamic=True) if compile else prefill_layer
+        self._compile_rows = compile
+
+    def rows_halves(self):
+        """(qkv, finish) for reuse.layer_rows: compiled with the engine, else None (eager)."""
+        if self._compile_rows and self._row_halves is None:
+            self._row_halves = compiled_halves()
+        return self._row_halves
 
     # -- pieces -------------------------------------------------------------------------------
 

@@ -65,6 +65,7 @@ class SlotMemory:
     frame: np.ndarray | None = None  # [N, 14 * 14 * 3] float32 raw pixel patches
     relevance: np.ndarray | None = None  # [N] text -> visual attention, relevance layer
     fractions: np.ndarray | None = None  # [L] per-layer reuse fraction (entropy schedule)
+    schedule_age: int = 0  # steps since `fractions` was computed (VLACacheConfig.schedule_every)
     kept: np.ndarray | None = None  # visual tokens kept at layer K (None: all)
     stamp: PrefillStamp | None = None  # the prefill whose cache holds this slot's K/V
 
@@ -166,13 +167,11 @@ def layer_entropies(ctx: PrefillContext, layers: list[int]) -> torch.Tensor:
     cached key, per decoder layer (NaN for layers not in `layers`)."""
     engine = ctx.engine
     rows, weight = text_rows(ctx)
-    b = rows.shape[0]
+    b, r = rows.shape
     out = torch.full((b, len(engine.layers)), float("nan"), device=rows.device)
     for i in layers:
-        hidden = ctx.hidden_in[i]
-        r = rows % hidden.shape[1]
-        h = hidden.gather(1, r[..., None].expand(-1, -1, hidden.shape[-1]))
-        pos = ctx.positions_in[i].gather(1, r)
+        # the text rows are the last r rows of every layer's sequence: a slice, not a gather
+        h, pos = ctx.hidden_in[i][:, -r:], ctx.positions_in[i][:, -r:]
         attn = attention_rows(
             engine.layers[i], engine.lm.model.rotary_emb, engine.cache, i, h, pos, engine.num_heads
         ).mean(dim=1)  # [B, R, S]
@@ -237,10 +236,17 @@ class VLACache:
         relevance = None
         if self.relevance_layer in ctx.hidden_in:
             relevance = relevance_scores(ctx, self.relevance_layer).cpu().numpy()
-        entropy = layer_entropies(ctx, ran).cpu().numpy()
+        # One probe serves the batch: recomputed when any slot's schedule is due (or missing).
+        every = self.cfg.schedule_every
+        due = any(m.fractions is None or m.schedule_age + 1 >= every for m in memories)
+        entropy = layer_entropies(ctx, ran).cpu().numpy() if due else None
         for i, m in enumerate(memories):
             m.frame = frames[i]
             m.relevance = None if relevance is None else relevance[i]
-            m.fractions = layer_fractions(entropy[i], self.cfg.entropy_damping)
+            if entropy is not None:
+                m.fractions = layer_fractions(entropy[i], self.cfg.entropy_damping)
+                m.schedule_age = 0
+            else:
+                m.schedule_age += 1
             m.kept = None if pre.kept is None else pre.kept[i].cpu().numpy()
             m.stamp = pre.stamp
