@@ -163,6 +163,29 @@ def test_int8_quantization_error_is_per_channel_bounded():
     assert q.abs().max() <= 127
 
 
+def test_int8_prefill_runs_a_bf16_copy_and_decode_the_int8_weights():
+    """On a CPU the static engine's prefill (many rows) gets each int8 linear dequantized once
+    to bf16; decode keeps the int8 (q, scales) its GEMV kernel reads. The copy is q * scale
+    rounded to bf16 (8 significant bits: relative error <= 2^-8)."""
+    p = tiny_policy(0)
+    p.configure(engine=vla_prune.EngineConfig(weights="int8"))
+    p.engine.use_static_decode(True)
+    st = p.engine.static
+    assert all(isinstance(st.weights[0][i], tuple) for i in (1, 2, 4, 5))
+    for layer_w, pre_w in zip(st.weights, st.prefill_weights):
+        for w, d in zip(layer_w, pre_w):
+            if not isinstance(w, tuple):
+                assert d is w  # norms: the same tensor, no copy
+                continue
+            q, scales = w
+            assert d.dtype == torch.bfloat16 and d.shape == q.shape
+            torch.testing.assert_close(
+                d.float(), q.float() * scales[:, None], rtol=2**-8, atol=0
+            )
+    results = [p.step(random_image(s), INSTRUCTIONS[0]) for s in range(2)]
+    assert all(np.isfinite(r.actions).all() for r in results)
+
+
 def test_reset_slot_restarts_one_slot_as_slot_zero_of_a_fresh_policy():
     """Batched rollouts: an episode that starts in slot 1 mid-run gets the history and random
     streams an episode alone in a fresh policy gets (random pruning makes that visible)."""

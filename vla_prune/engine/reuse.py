@@ -211,7 +211,7 @@ def layer_rows(engine, idx: int, h, cos, sin, valid, rows: LayerRows) -> torch.T
         return write_and_attend(q, k, v, k_cache, v_cache, rows, t, mask, gqa)
 
     if engine.static is not None:
-        w = engine.static.weights[idx]
+        w = engine.static.prefill_weights[idx]
         hq = prefill_rows_layer(
             hq, cq, sq, w, engine.static.eps, engine.num_heads, engine.kv_heads, attend,
             engine.rows_halves(),

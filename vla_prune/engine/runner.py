@@ -310,7 +310,7 @@ class LlamaEngine:
                 h,
                 cos,
                 sin,
-                self.static.weights[i],
+                self.static.prefill_weights[i],
                 self.static.eps,
                 self.num_heads,
                 self.kv_heads,

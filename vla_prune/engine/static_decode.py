@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .functional import layer_weights, linear, rms_norm, weight_of
 from .kv_cache import KVCache
 from .rope import apply_rope
+from .weights import dequantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +52,21 @@ def decode_layer(
     k_cache.index_copy_(2, at, k)
     v_cache.index_copy_(2, at, v)
     mask.index_fill_(1, at, True)
+    # SDPA for the output everywhere: inductor lowers an explicit masked attention over S keys
+    # ~8x slower on CPU. The probe layer adds its probabilities alone (q k^T and a softmax,
+    # no product with V): what VLA-Pruner's decode-time probe reads.
+    out = F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask[:, None, None, :],
+        enable_gqa=kv_heads != num_heads,
+    )
     p = None
-    if probs:  # the probe layer: explicit attention, its probabilities are the probe
-        keys, values = k_cache, v_cache
+    if probs:
+        keys = k_cache
         if kv_heads != num_heads:  # grouped-query attention
             keys = keys.repeat_interleave(num_heads // kv_heads, dim=1)
-            values = values.repeat_interleave(num_heads // kv_heads, dim=1)
         scores = (q @ keys.transpose(-1, -2)).float() * head_dim**-0.5  # [B, H, 1, S]
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        out = weights.to(values.dtype) @ values
-        p = weights[:, :, 0]
-    else:  # SDPA: inductor lowers an explicit masked attention over S keys ~8x slower on CPU
-        out = F.scaled_dot_product_attention(
-            q, k_cache, v_cache, attn_mask=mask[:, None, None, :],
-            enable_gqa=kv_heads != num_heads,
-        )
+        p = torch.softmax(scores, dim=-1)[:, :, 0]
     h = h + linear(out.transpose(1, 2).reshape(b, 1, -1), o_w)
     gate, up = linear(rms_norm(h, ln2, eps), gate_up_w).chunk(2, dim=-1)
     h = h + linear(F.silu(gate) * up, down_w)
@@ -128,6 +128,13 @@ def decode_greedy(
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1), attn
 
 
+def _dequantized(layer_w: tuple) -> tuple:
+    """A layer's weights with every int8 linear (q, scales) as one bf16 matrix."""
+    return tuple(
+        dequantize_int8(*w, torch.bfloat16) if isinstance(w, tuple) else w for w in layer_w
+    )
+
+
 def _tensors(x) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
@@ -170,6 +177,13 @@ class StaticDecoder:
         self._rope = (rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
         self._embed = lm.model.embed_tokens.weight
         self.weights = [layer_weights(layer) for layer in lm.model.layers]
+        # The prefill's (many rows: compute-bound): on a CPU an int8 linear would dequantize
+        # its whole matrix on every call (~40% of tiny-openvla's int8 prefill, and the same
+        # for every budget: pruning barely paid); it gets a bf16 copy made once (2 more bytes
+        # a parameter, CPU only). CUDA: inductor fuses the dequantization into the matmul.
+        self.prefill_weights = self.weights
+        if not self.cuda:
+            self.prefill_weights = [_dequantized(w) for w in self.weights]
         head = weight_of(lm.lm_head)
         if not self.cuda and isinstance(head, torch.Tensor) and head.dtype != torch.float32:
             # A CPU's bf16 GEMV is ~3x slower than fp32 (oneDNN): the vocabulary projection,

@@ -5,7 +5,9 @@ scale[o] = max_i |w[o, i]| / 127. The matmul is PyTorch's own `_weight_int8pack_
 kernel torchao's int8 weight-only layout dispatches to on CPU), so this is ~40 lines instead
 of a dependency whose releases track torch nightlies; it runs with bf16 activations (its fast
 path: fp32 activations take a slow generic path on CPU). Modules swapped for `Int8Linear` keep
-working everywhere a Linear did (prefill, decode, the attention probe).
+working everywhere a Linear did (prefill, decode, the attention probe). The static engine's
+CPU prefill runs a bf16 copy of each int8 matrix made once (dequantize_int8): its many rows
+are compute-bound, and dequantizing on every call cost as much as the matmul.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     else:
         y = F.linear(x2, q.to(x.dtype)) * scales.to(x.dtype)
     return y.reshape(*shape[:-1], q.shape[0])
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(scales[:, None] * q) in `dtype`: the float matrix int8_matmul's many-rows path builds
+    on every call, built once."""
+    return (q.float() * scales.float()[:, None]).to(dtype)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
