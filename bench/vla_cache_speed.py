@@ -24,7 +24,14 @@ from vla_prune.benchmark import make_configs
 from vla_prune.profiling import machine_info
 
 SETTINGS = ("", "+compile+int8")
-METHODS = ("dense", "vla-cache", "vla-pruner@0.25", "vla-pruner+vla-cache@0.25")
+METHODS = (
+    "dense",
+    "vla-cache",
+    "vla-cache[schedule_every=8]",  # the entropy schedule every 8th step instead of every step
+    "vla-pruner@0.25",
+    "vla-pruner+vla-cache@0.25",
+    "vla-pruner+vla-cache[schedule_every=8]@0.25",
+)
 STAGES = ("vision", "prefill", "prune", "decode", "action_head", "total")
 INSTRUCTION = "push the red cube onto the blue pad"
 

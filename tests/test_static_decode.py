@@ -220,3 +220,14 @@ def test_cogact_compiled_prefill_equals_eager_and_int8_keeps_the_head_fp32_on_cp
     low = tiny_cogact(0).configure(engine=vla_prune.EngineConfig(weights="int8"))
     assert next(low.model.action_model.parameters()).dtype == torch.float32
     assert low.step(random_image(0), INSTRUCTIONS[0]).actions.shape == (16, 7)
+
+
+def test_a_compiled_engine_raises_dynamos_graph_limit():
+    """Several compiled levels in one process (the ROS node's budget levels, a benchmark's
+    settings) need more than dynamo's default 8 graphs per function: past the limit a
+    fullgraph=True function fails instead of falling back (bench/engine_speed.py hit it)."""
+    from vla_prune.engine.static_decode import GRAPHS_PER_PROCESS
+
+    p = tiny_policy(0)
+    p.configure(engine=vla_prune.EngineConfig(compile=True))
+    assert torch._dynamo.config.recompile_limit >= GRAPHS_PER_PROCESS > 8

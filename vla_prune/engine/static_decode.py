@@ -128,6 +128,19 @@ def decode_greedy(
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1), attn
 
 
+# One decode graph per (model shape, weight format, probe or not, skip-set size, capacity): a
+# process holding several engine levels (the ROS node's budget levels, a benchmark's settings,
+# two policies) needs more than dynamo's default of 8 per function, beyond which a
+# fullgraph=True function fails outright instead of falling back.
+GRAPHS_PER_PROCESS = 64
+
+
+def _allow_graphs(n: int) -> None:
+    config = torch._dynamo.config
+    if getattr(config, "recompile_limit", n) < n:
+        config.recompile_limit = n
+
+
 def _dequantized(layer_w: tuple) -> tuple:
     """A layer's weights with every int8 linear (q, scales) as one bf16 matrix."""
     return tuple(
@@ -163,6 +176,7 @@ class StaticDecoder:
         if compile:
             # dynamic=False: one shape (the cache capacity) -> one graph; CUDA graphs on a GPU.
             mode = "reduce-overhead" if self.cuda else None
+            _allow_graphs(GRAPHS_PER_PROCESS)
             self._fn = torch.compile(decode_token, fullgraph=True, dynamic=False, mode=mode)
             if not self.cuda:
                 # CPU: every compiled call costs ~0.1 ms of guards and wrappers, so the whole
