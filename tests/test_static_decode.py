@@ -231,3 +231,22 @@ def test_a_compiled_engine_raises_dynamos_graph_limit():
     p = tiny_policy(0)
     p.configure(engine=vla_prune.EngineConfig(compile=True))
     assert torch._dynamo.config.recompile_limit >= GRAPHS_PER_PROCESS > 8
+
+
+def test_cpu_bf16_decode_attention_runs_in_fp32():
+    """A CPU's bf16 SDPA is ~4x slower than fp32 for one query row: the decode step attends a
+    bf16 cache in fp32 (exact upcast), which agrees with bf16 SDPA within bf16 rounding."""
+    import torch.nn.functional as F
+
+    from vla_prune.engine.static_decode import _attend_one_row
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, s, 16, generator=g).bfloat16() for s in (1, 40, 40))
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., 30:] = False  # sample 1: the rest of its cache is not written yet
+    got = _attend_one_row(q, k, v, mask, False)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # bf16 keeps 8 significant bits: outputs (|x| <~ 2) within a few bf16 steps
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=3e-2)
