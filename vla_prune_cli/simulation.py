@@ -33,7 +33,8 @@ def _eval_config_path(path: str | None) -> Path:
 
 
 def cmd_viz(args) -> int:
-    """One episode; a PNG per step with the kept tokens over the camera image."""
+    """One episode; a PNG per step with the kept tokens over the camera image, and all of
+    them as OUT/episode.gif (the control rate's frame time)."""
     if not require_sim("viz"):
         return 2
     from sim.envs import make_env
@@ -52,20 +53,31 @@ def cmd_viz(args) -> int:
         policy.reset()
         n = policy.config.num_patches
         side = int(round(n**0.5))
+        frames = []
         for t in range(args.steps):
             r = policy.step(obs["image"], obs["instruction"])
             title = (
                 f"step {t} | {prune.method} kept {r.kept_visual_tokens}/{n} | {obs['instruction']}"
             )
-            overlay(obs["image"], r.kept_indices, r.origin, (side, side), title=title).save(
-                out / f"step_{t:03d}.png"
-            )
+            frame = overlay(obs["image"], r.kept_indices, r.origin, (side, side), title=title)
+            frame.save(out / f"step_{t:03d}.png")
+            frames.append(frame)
             obs, _, terminated, truncated, info = env.step(r.actions[0])
             if terminated or truncated:
                 break
+        hz = float(getattr(getattr(env, "config", None), "control_hz", 10.0) or 10.0)
     finally:
         env.close()
-    print(f"wrote {t + 1} frames to {out} (success: {bool(info.get('success'))})")
+    frames[0].save(
+        out / "episode.gif",
+        save_all=True,
+        append_images=frames[1:],
+        duration=round(1000 / hz),
+        loop=0,
+    )
+    print(
+        f"wrote {t + 1} frames and episode.gif to {out} (success: {bool(info.get('success'))})"
+    )
     return 0
 
 

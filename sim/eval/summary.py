@@ -117,9 +117,10 @@ def format_markdown(summary: dict[str, Any]) -> str:
 
 
 def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
-    """Two panels against mean kept visual tokens: success rate (Wilson 95% error bars) and
-    median per-step latency. Configurations that differ only in their keep ratio
-    ("fastv@0.5", "fastv@0.25", ...) share a colour and a line; one legend entry each."""
+    """What a user decides by, two panels. Left: success rate (Wilson 95% error bars) against
+    median per-step latency, one labelled point per configuration — upper left is better.
+    Right: success against mean kept visual tokens; configurations that differ only in their
+    keep ratio ("fastv@0.5", "fastv@0.25", ...) share a colour and a line."""
     # Figure + Agg canvas directly: no pyplot, so no global backend state is touched.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -127,12 +128,11 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in summary["runs"]:
         groups.setdefault(r["label"].split("@")[0], []).append(r)
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_s, ax_t = fig.subplots(1, 2)
+    ax_l, ax_k = fig.subplots(1, 2)
     for i, (name, runs) in enumerate(groups.items()):
         runs = sorted(runs, key=lambda r: r["kept_visual_tokens"])
-        x = [r["kept_visual_tokens"] for r in runs]
         y = [r["success_rate"] for r in runs]
         err = [
             [r["success_rate"] - r["ci95"][0] for r in runs],
@@ -143,24 +143,32 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
             "marker": MARKERS.get(runs[0]["prune"].get("method"), "P"),
             "color": f"C{i % 10}",
             "markersize": 8,
-            "linestyle": "-" if len(runs) > 1 else "none",
             "alpha": 0.85,
         }
-        ax_s.errorbar(x, y, yerr=err, capsize=3, label=name, **style)
-        ax_t.plot(x, ms, **style)
-    ax_s.set(
+        ax_l.errorbar(ms, y, yerr=err, capsize=3, linestyle="none", label=name, **style)
+        if len(runs) > 1:  # a family of keep ratios: which point is which
+            for r, x_ms, y_r in zip(runs, ms, y):
+                ax_l.annotate(
+                    _keep(r["prune"]), (x_ms, y_r), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7, color=style["color"],
+                )
+        x = [r["kept_visual_tokens"] for r in runs]
+        line = "-" if len(runs) > 1 else "none"
+        ax_k.errorbar(x, y, yerr=err, capsize=3, linestyle=line, **style)
+    ax_l.set(
+        xlabel="median ms / policy step",
+        ylabel="success rate",
+        ylim=(-0.05, 1.05),
+        title="success (Wilson 95% CI) vs latency: upper left is better",
+    )
+    ax_l.set_xlim(left=0)
+    ax_k.set(
         xlabel="mean kept visual tokens",
         ylabel="success rate",
         ylim=(-0.05, 1.05),
-        title="success rate (Wilson 95% CI)",
+        title="success vs kept visual tokens",
     )
-    ax_t.set(
-        xlabel="mean kept visual tokens",
-        ylabel="median ms / policy step",
-        title="per-step latency (median)",
-    )
-    ax_t.set_ylim(bottom=0)
-    for ax in (ax_s, ax_t):
+    for ax in (ax_l, ax_k):
         ax.grid(alpha=0.3)
     if groups:
         fig.legend(loc="outside right upper", fontsize=8)

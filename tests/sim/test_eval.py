@@ -349,3 +349,16 @@ def test_parallel_workers_match_one_process_and_resume(reference, tmp_path):
     both = read_episodes(half / EPISODES_FILE)
     assert core(both) == core(ref) and len(both) == len({episode_key(r) for r in both})
     assert all(r["wall_s"] == first[episode_key(r)] for r in both if r["label"] == "dense")
+
+
+def test_viz_writes_an_overlay_per_step_and_the_episode_gif(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "viz"
+    argv = ["viz", "--policy", "embedded-openvla", "--task", "press", "--steps", "3"]
+    assert main([*argv, "--pruner", "vla-pruner", "--keep", "0.25", "--out", str(out)]) == 0
+    pngs = sorted(out.glob("step_*.png"))
+    assert [p.name for p in pngs] == ["step_000.png", "step_001.png", "step_002.png"]
+    gif = Image.open(out / "episode.gif")
+    assert gif.n_frames == 3 and gif.size == Image.open(pngs[0]).size
+    assert gif.info["duration"] == 100  # the suite's 10 Hz control rate
