@@ -38,6 +38,7 @@ def cmd_viz(args) -> int:
     if not require_sim("viz"):
         return 2
     from sim.envs import make_env
+    from sim.eval.runner import save_gif, video_fps
     from vla_prune.viz import overlay
 
     policy = load_policy_arg(args.policy, "cpu", "float32", args.seed)
@@ -65,16 +66,9 @@ def cmd_viz(args) -> int:
             obs, _, terminated, truncated, info = env.step(r.actions[0])
             if terminated or truncated:
                 break
-        hz = float(getattr(getattr(env, "config", None), "control_hz", 10.0) or 10.0)
+        save_gif(frames, out / "episode.gif", video_fps(env))
     finally:
         env.close()
-    frames[0].save(
-        out / "episode.gif",
-        save_all=True,
-        append_images=frames[1:],
-        duration=round(1000 / hz),
-        loop=0,
-    )
     print(
         f"wrote {t + 1} frames and episode.gif to {out} (success: {bool(info.get('success'))})"
     )

@@ -128,11 +128,14 @@ def save_video(frames: list[np.ndarray], path: Path, fps: float = 10.0) -> Path:
     except Exception:  # noqa: BLE001 - any imageio/ffmpeg problem: fall back to GIF
         from PIL import Image
 
-        gif = path.with_suffix(".gif")
-        images = [Image.fromarray(f) for f in frames]
-        duration = round(1000 / fps)
-        images[0].save(gif, save_all=True, append_images=images[1:], duration=duration, loop=0)
-        return gif
+        return save_gif([Image.fromarray(f) for f in frames], path.with_suffix(".gif"), fps)
+
+
+def save_gif(images: list, path: Path, fps: float = 10.0) -> Path:
+    """PIL images as an animated GIF at `fps` frames a second, looping."""
+    duration = round(1000 / fps)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
+    return path
 
 
 def obs_hash(obs: dict[str, Any]) -> str:

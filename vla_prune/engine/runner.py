@@ -138,14 +138,14 @@ class LlamaEngine:
         self._prefill_fn = None  # with `static`: the functional prefill layer (functional.py)
         # with `static` compiled: VLA-Cache's row-subset layer halves, compiled on first use
         # (reused rows only), so the other methods compile no extra graphs
-        self._row_halves, self._compile_rows = None, False
+        self._row_halves = None
 
     def use_static_decode(self, enabled: bool, compile: bool = False) -> None:
         """Decode with whole-cache attention at a fixed cache capacity (compiled if asked);
         the eager decode stays the reference it is tested against."""
         self.cache = None  # reallocate (at the static capacity)
         self._prefill_fn = None
-        self._row_halves, self._compile_rows = None, False
+        self._row_halves = None
         if not enabled:
             self.static = None
             return
@@ -153,11 +153,12 @@ class LlamaEngine:
         # The prefill runs the same fused weights; its row count varies with the budget and the
         # prompt, so its graph is compiled with dynamic shapes (one graph for all of them).
         self._prefill_fn = torch.compile(prefill_layer, dynamic=True) if compile else prefill_layer
-        self._compile_rows = compile
 
     def rows_halves(self):
         """(qkv, finish) for reuse.layer_rows: compiled with the engine, else None (eager)."""
-        if self._compile_rows and self._row_halves is None:
+        if self.static is None or not self.static.compiled:
+            return None
+        if self._row_halves is None:
             self._row_halves = compiled_halves()
         return self._row_halves
 
