@@ -264,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RuntimeError:
+        # SIGINT / SIGTERM shut the context down while the executor was taking a message:
+        # rclpy's binding then raises a bare RuntimeError, not ExternalShutdownException.
+        if rclpy.ok():  # a real error while running
+            raise
     finally:
         node.close()
         executor.shutdown(timeout_sec=1.0)
