@@ -34,7 +34,7 @@ import numpy as np
 
 from sim.demos import MANIFEST, DemoEpisode, check_seeds_and_tasks, prepare_out_dir, store_episode
 from sim.envs.embedded import TASKS, EmbeddedConfig, EmbeddedEnv
-from sim.experts import expert_for
+from sim.experts import STYLES, expert_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,22 @@ class DaggerConfig:
     batch: int = 16  # envs rolled out in lockstep
     threads: int = 1
     seed: int = 0
+    expert_style: str = "smooth"  # sim.experts.STYLES
     overwrite: bool = False
     env: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
 
 def rollout_batch(
-    policy, envs: Sequence[EmbeddedEnv], seeds: Sequence[int], beta: float, rng
+    policy,
+    envs: Sequence[EmbeddedEnv],
+    seeds: Sequence[int],
+    beta: float,
+    rng,
+    expert_style: str = "smooth",
 ) -> list[DemoEpisode]:
     """Roll out len(envs) episodes together; every stored action is the expert's label."""
     obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
-    experts = [expert_for(env) for env in envs]
+    experts = [expert_for(env, style=expert_style) for env in envs]
     policy.reset()
     buf = [{"images": [], "states": [], "actions": []} for _ in envs]
     done = [False] * len(envs)
@@ -120,7 +126,9 @@ def collect(cfg: DaggerConfig) -> list[dict]:
                 for first in range(0, cfg.episodes_per_task, cfg.batch):
                     n = min(cfg.batch, cfg.episodes_per_task - first)
                     seeds = [cfg.seed_start + first + j for j in range(n)]
-                    for ep in rollout_batch(policy, envs[:n], seeds, cfg.beta, rng):
+                    for ep in rollout_batch(
+                        policy, envs[:n], seeds, cfg.beta, rng, cfg.expert_style
+                    ):
                         tag = {"source": "dagger", "beta": cfg.beta, "policy": str(cfg.policy)}
                         records.append(store_episode(out, manifest, ep, **tag))
                         wins += ep.success
@@ -147,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--expert", choices=STYLES, default="smooth", help="expert style")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -160,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch=args.batch,
         threads=args.threads,
         seed=args.seed,
+        expert_style=args.expert,
         overwrite=args.overwrite,
     )
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ import numpy as np
 
 from sim.envs.base import DEMO_SEED_START, EVAL_SEEDS
 from sim.envs.embedded import TASKS, EmbeddedConfig, EmbeddedEnv
-from sim.experts import expert_for
+from sim.experts import STYLES, expert_for
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class DemoConfig:
     episodes_per_task: int = 50
     seed_start: int = DEMO_SEED_START
     noise_std: float = 0.0  # expert action noise (metres) for diversity; 0 = clean demos
+    expert_style: str = "smooth"  # sim.experts.STYLES; "gated": the shipped policies' experts
     keep_failures: bool = False  # store unsuccessful episodes too (success=False)
     max_attempts_factor: float = 2.0  # per task, stop after factor * episodes_per_task tries
     overwrite: bool = False  # replace an existing dataset in out_dir
@@ -79,10 +80,12 @@ class DemoEpisode:
         return len(self.actions)
 
 
-def record_episode(env: EmbeddedEnv, seed: int, noise_std: float = 0.0) -> DemoEpisode:
+def record_episode(
+    env: EmbeddedEnv, seed: int, noise_std: float = 0.0, expert_style: str = "smooth"
+) -> DemoEpisode:
     """Run the family's expert on `env` from `reset(seed)` until success or the step limit."""
     obs, _ = env.reset(seed=seed)
-    expert = expert_for(env, noise_std=noise_std, seed=seed)
+    expert = expert_for(env, noise_std=noise_std, seed=seed, style=expert_style)
     images, wrist, states, actions = [], [], [], []
     info: dict = {"success": False}
     while True:
@@ -191,7 +194,7 @@ def generate_demos(cfg: DemoConfig) -> list[dict]:
                 while kept < want and tried < max_attempts:
                     seed = cfg.seed_start + tried
                     tried += 1
-                    episode = record_episode(env, seed, cfg.noise_std)
+                    episode = record_episode(env, seed, cfg.noise_std, cfg.expert_style)
                     if not episode.success and not cfg.keep_failures:
                         continue
                     record = store_episode(out, manifest, episode)
@@ -292,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
     parser.add_argument("--seed-start", type=int, default=DEMO_SEED_START)
     parser.add_argument("--noise", type=float, default=0.0, help="expert action noise (m)")
+    parser.add_argument("--expert", choices=STYLES, default="smooth", help="expert style")
     parser.add_argument("--image-size", type=int, default=EmbeddedConfig.image_size)
     parser.add_argument("--wrist", action="store_true", help="also record the wrist camera")
     parser.add_argument("--keep-failures", action="store_true")
@@ -305,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         episodes_per_task=args.episodes_per_task,
         seed_start=args.seed_start,
         noise_std=args.noise,
+        expert_style=args.expert,
         keep_failures=args.keep_failures,
         overwrite=args.overwrite,
         env=EmbeddedConfig(image_size=args.image_size, wrist_image=args.wrist),

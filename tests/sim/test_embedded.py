@@ -33,9 +33,9 @@ def envs():
         env.close()
 
 
-def _run_expert(env: EmbeddedEnv, seed: int) -> dict:
+def _run_expert(env: EmbeddedEnv, seed: int, style: str = "smooth") -> dict:
     obs, info = env.reset(seed=seed)
-    expert = expert_for(env)
+    expert = expert_for(env, style=style)
     for _ in range(env.max_episode_steps):
         obs, _, terminated, truncated, info = env.step(expert(obs))
         if terminated or truncated:
@@ -188,14 +188,36 @@ def test_truncates_at_step_limit():
         env.close()
 
 
+@pytest.mark.parametrize("style", ["smooth", "gated"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_expert_solves_family(family):
+def test_expert_solves_family(family, style):
     env = EmbeddedEnv(family, image_size=SMALL)
     try:
-        successes = [_run_expert(env, seed)["success"] for seed in range(20)]
+        successes = [_run_expert(env, seed, style)["success"] for seed in range(20)]
     finally:
         env.close()
-    assert sum(successes) >= 18, f"{family}: expert solved {sum(successes)}/20"
+    assert sum(successes) >= 18, f"{family} ({style}): expert solved {sum(successes)}/20"
+
+
+def test_expert_style_is_checked():
+    env = EmbeddedEnv("press", image_size=SMALL)
+    try:
+        with pytest.raises(ValueError, match="unknown expert style"):
+            expert_for(env, style="jerky")
+    finally:
+        env.close()
+
+
+def test_smooth_expert_forgives_a_centimetre_where_the_gated_one_hovers():
+    # Why the smooth experts exist: with every object seen 1 cm off (per-episode bias) the gated
+    # expert waits for a 5 mm xy match that never comes; the funnel descends and grasps anyway.
+    # Measured over seeds 0-19: gated 3/20, smooth 16/20 (`python -m sim.expert_noise`).
+    from sim.expert_noise import success_rate
+
+    seeds = range(8)
+    gated = success_rate("pick_place", "gated", 0.01, 0.005, seeds)
+    smooth = success_rate("pick_place", "smooth", 0.01, 0.005, seeds)
+    assert smooth >= gated + 0.25, (gated, smooth)
 
 
 def test_expert_noise_diversifies_but_still_solves():
