@@ -211,7 +211,7 @@ def test_expert_style_is_checked():
 def test_smooth_expert_forgives_a_centimetre_where_the_gated_one_hovers():
     # Why the smooth experts exist: with every object seen 1 cm off (per-episode bias) the gated
     # expert waits for a 5 mm xy match that never comes; the funnel descends and grasps anyway.
-    # Measured over seeds 0-19: gated 3/20, smooth 16/20 (`python -m sim.expert_noise`).
+    # Measured over seeds 0-19: gated 3/20, smooth 19/20 (bench/results/embedded-expert-noise.md).
     from sim.expert_noise import success_rate
 
     seeds = range(8)
