@@ -35,7 +35,8 @@ NOISE_FADE_DISTANCE = 0.05  # per-axis action noise shrinks within this distance
 # continuously from travel height (xy error >= FUNNEL_OUT) to contact (<= FUNNEL_IN), and the
 # gripper closes / releases inside tolerances the env's grasp box and success checks allow.
 # A policy whose xy estimate is off by a centimetre then still descends and grasps, where the
-# gated expert's "descend only within 5 mm" leaves it hovering (bench/results/embedded-expert-noise.md).
+# gated expert's "descend only within 5 mm" leaves it hovering
+# (bench/results/embedded-expert-noise.md).
 FUNNEL_IN, FUNNEL_OUT = 0.008, 0.035
 GRASP_XY_TOL = 0.012  # close when the grip site is this near the object's centre (box: 2 cm)
 GRASP_Z_TOL = 0.01
