@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sim.envs.embedded import EmbeddedEnv
-from sim.experts import _POLICIES, STYLES, _clip_norm
+from sim.experts import _CLIP, _POLICIES, STYLES
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def success_rate(
             info = {"success": False}
             for _ in range(env.max_episode_steps):
                 goal, gripper = policy(view)
-                delta = _clip_norm(goal - env.ee_pos, env.config.max_delta)
+                delta = _CLIP[style](goal - env.ee_pos, env.config.max_delta)
                 action = np.array([*delta, 0.0, 0.0, 0.0, gripper], dtype=np.float32)
                 _, _, terminated, truncated, info = env.step(action)
                 if terminated or truncated:

@@ -68,7 +68,7 @@ class Expert:
     def __call__(self, obs: Any = None) -> np.ndarray:
         goal, gripper = self._policy(self.env)
         error = goal - self.env.ee_pos
-        delta = _clip_norm(error, self.env.config.max_delta)
+        delta = _CLIP[self.style](error, self.env.config.max_delta)
         if self.noise_std > 0:
             # Full noise in free motion, fading out per axis as that axis reaches the waypoint
             # (e.g. no sideways noise while descending onto an object).
@@ -91,6 +91,10 @@ def expert_for(
 def _clip_norm(v: np.ndarray, max_norm: float) -> np.ndarray:
     n = float(np.linalg.norm(v))
     return v if n <= max_norm else v * (max_norm / n)
+
+
+def _clip_axes(v: np.ndarray, max_abs: float) -> np.ndarray:
+    return np.clip(v, -max_abs, max_abs)
 
 
 def _xy_dist(a: np.ndarray, b: np.ndarray) -> float:
@@ -258,3 +262,9 @@ _SMOOTH = {
     "stack": _stack_smooth,
 }
 _POLICIES = {"smooth": _SMOOTH, "gated": _GATED}
+# How a waypoint error becomes a step. The smooth experts clip each axis on its own (the env
+# clips per axis too): far from a waypoint an axis's label is just the sign of its error at full
+# speed, near it the error itself, both simple functions of what the image shows. The gated
+# ones scale the whole vector (a straight line), so every axis's label depends on the ratio of
+# all three errors: the policies trained on them output dx = 0 where the expert says 0.6 cm.
+_CLIP = {"smooth": _clip_axes, "gated": _clip_norm}
