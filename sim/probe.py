@@ -21,6 +21,9 @@ between the policy's most likely action token and the expert's, per action dimen
 whose dx/dy errors are several times press's is one the policy cannot steer in.
 
     python -m sim.probe --policy vla_prune/checkpoints/embedded-openvla --data data/heldout
+
+Token positions (`--positions`): does each visual token still say where on the grid it is,
+after the vision tower and after the projector? See `token_positions`.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def probe(state_path: str, data: str, per_family: int = 40) -> dict[str, dict[str, float]]:
-    """Per family: fraction of episodes whose predicted target is the real one, and the
-    median prediction error in metres."""
+    """Per family: fraction of episodes whose predicted target is the real one, the median
+    target error and the median gripper xy error mid-episode, in metres."""
     state = torch.load(state_path, weights_only=True)
     if not state.get("aux_head"):
         raise ValueError(f"{state_path} has no auxiliary head (trained without --aux-weight)")
@@ -59,6 +62,7 @@ def probe(state_path: str, data: str, per_family: int = 40) -> dict[str, dict[st
     envs: dict[str, EmbeddedEnv] = {}
     hits: dict[str, list[bool]] = {}
     errors: dict[str, list[float]] = {}
+    gripper_errors: dict[str, list[float]] = {}
     for ep in iter_episodes(data):
         if len(hits.setdefault(ep.family, [])) >= per_family:
             continue
@@ -71,12 +75,22 @@ def probe(state_path: str, data: str, per_family: int = 40) -> dict[str, dict[st
         else:
             target = task.objects[task.target_object].xy
             candidates = [o.xy for o in task.objects]
-        pixels = image_to_pixels(ep.images[0], pc.image_size, pc.image_means, pc.image_stds)
-        hidden, lengths = last_hidden(policy, pixels, [policy.token_ids(ep.instruction)])
-        predicted = head(hidden[0, lengths[0] - 1]).numpy()[4:6] / AUX_SCALE
+        # The first frame for the target; a mid-episode frame (the gripper away from home)
+        # for where the head thinks the gripper is.
+        mid = len(ep) // 2
+        frames = [ep.images[0], ep.images[mid]]
+        pixels = torch.cat(
+            [image_to_pixels(f, pc.image_size, pc.image_means, pc.image_stds) for f in frames]
+        )
+        ids = policy.token_ids(ep.instruction)
+        hidden, lengths = last_hidden(policy, pixels, [ids, ids])
+        out = head(torch.stack([hidden[i, lengths[i] - 1] for i in range(2)])).numpy() / AUX_SCALE
+        predicted = out[0, 4:6]
         dist = [float(np.linalg.norm(predicted - np.asarray(c))) for c in candidates]
         hits[ep.family].append(bool(np.allclose(candidates[int(np.argmin(dist))], target)))
         errors.setdefault(ep.family, []).append(float(np.linalg.norm(predicted - target)))
+        grip = float(np.linalg.norm(out[1, 0:2] - ep.states[mid, 0:2]))
+        gripper_errors.setdefault(ep.family, []).append(grip)
     for env in envs.values():
         env.close()
     return {
@@ -84,6 +98,7 @@ def probe(state_path: str, data: str, per_family: int = 40) -> dict[str, dict[st
             "episodes": len(hits[f]),
             "grounded": round(float(np.mean(hits[f])), 3),
             "median_error_m": round(float(np.median(errors[f])), 4),
+            "median_gripper_xy_error_m": round(float(np.median(gripper_errors[f])), 4),
         }
         for f in hits
     }
@@ -125,6 +140,56 @@ def action_errors(
     return out
 
 
+@torch.no_grad()
+def token_positions(policy: vla_prune.Policy | str, data: str, episodes: int = 200) -> dict:
+    """Do the visual tokens say where they are? A least-squares linear probe from each token
+    (the vision tower's output, and the projector's: what the LLM sees) to its patch's
+    (row, col) on the grid, fitted on half the episodes (their first and middle frames) and
+    scored on the other half. The LLM's RoPE is 1-D, so a token that does not carry its
+    grid position leaves "where is the target" for the LLM to infer from a flat index."""
+    if isinstance(policy, str):
+        policy = vla_prune.load_policy(policy)
+    pc, model = policy.config, policy.model.eval()
+    frames = []  # episode e gives frames 2e and 2e + 1
+    for ep in iter_episodes(data):
+        if len(frames) >= 2 * episodes:
+            break
+        frames += [ep.images[0], ep.images[len(ep) // 2]]
+    towers: dict[str, list[np.ndarray]] = {"vision": [], "projector": []}
+    for i in range(0, len(frames), 16):
+        px = torch.cat(
+            [
+                image_to_pixels(f, pc.image_size, pc.image_means, pc.image_stds)
+                for f in frames[i : i + 16]
+            ]
+        )
+        v = model.vision_backbone(px)
+        towers["vision"].append(v.float().numpy())
+        towers["projector"].append(model.projector(v).float().numpy())
+    out = {}
+    for name, chunks in towers.items():
+        x = np.concatenate(chunks).astype(np.float64)
+        n, t, d = x.shape
+        side = int(round(t**0.5))
+        grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1)
+        y = np.broadcast_to(grid.reshape(1, t, 2).astype(np.float64), (n, t, 2))
+        fit = (np.arange(n) // 2) % 2 == 0  # fit on even episodes, score on odd ones
+        xf, yf = x[fit].reshape(-1, d), y[fit].reshape(-1, 2)
+        mean = xf.mean(0)
+        xc = xf - mean
+        # Ridge (1e-3 of the mean feature variance) so a near-singular fit cannot blow up.
+        gram = xc.T @ xc + 1e-3 * np.trace(xc.T @ xc) / d * np.eye(d)
+        w = np.linalg.solve(gram, xc.T @ (yf - yf.mean(0)))
+        pred = (x[~fit].reshape(-1, d) - mean) @ w + yf.mean(0)
+        truth = y[~fit].reshape(-1, 2)
+        out[name] = {
+            "row_col_mae_patches": [round(float(e), 3) for e in np.abs(pred - truth).mean(0)],
+            "exact": round(float((np.round(pred) == truth).all(1).mean()), 3),
+            "chance": round(1 / t, 4),
+        }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     which = ap.add_mutually_exclusive_group(required=True)
@@ -133,11 +198,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--data", required=True, help="dataset dir(s), a,b,...")
     ap.add_argument("--per-family", type=int, default=40, help="grounding: episodes per family")
     ap.add_argument("--frames", type=int, default=512, help="actions: frames per family")
+    ap.add_argument(
+        "--positions", action="store_true", help="with --policy: the token-position probe"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
         if args.state:
             result = probe(args.state, args.data, args.per_family)
+        elif args.positions:
+            result = token_positions(args.policy, args.data)
         else:
             result = action_errors(args.policy, args.data, args.frames)
     except (ValueError, FileNotFoundError) as e:  # e.g. a CogACT policy, a state without aux

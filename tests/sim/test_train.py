@@ -171,9 +171,39 @@ def test_aux_loss_trains_and_is_not_exported(demos, tmp_path):
     got = probe(str(tmp_path / "aux/train_state.pt"), str(demos))
     assert set(got) == {"press"} and got["press"]["episodes"] == 3
     assert 0.0 <= got["press"]["grounded"] <= 1.0 and 0.0 < got["press"]["median_error_m"] < 1.0
+    assert 0.0 < got["press"]["median_gripper_xy_error_m"] < 1.0
     train(_cfg(demos, tmp_path / "plain", steps=2))
     with pytest.raises(ValueError, match="no auxiliary head"):
         probe(str(tmp_path / "plain/train_state.pt"), str(demos))
+
+
+def test_token_position_probe_tells_position_carrying_tokens_from_blind_ones(demos):
+    """`sim.probe --positions`: tokens that are their grid position (one-hot) are read back
+    exactly; tokens that are noise, independent of where they sit, are not."""
+    from sim.probe import token_positions
+
+    policy = vla_prune.build_policy("tiny-openvla-112", seed=0)
+    n = policy.config.num_patches
+
+    class OneHot(torch.nn.Module):
+        def forward(self, pixels):
+            return torch.eye(n).expand(pixels.shape[0], n, n)
+
+    gen = torch.Generator().manual_seed(0)
+
+    class Noise(torch.nn.Module):  # fresh noise for every frame and token
+        def forward(self, pixels):
+            return torch.randn(pixels.shape[0], n, 32, generator=gen)
+
+    policy.model.projector = torch.nn.Identity()
+    policy.model.vision_backbone = OneHot()
+    exact = token_positions(policy, str(demos))
+    assert exact["projector"]["exact"] == 1.0 and max(exact["vision"]["row_col_mae_patches"]) < 0.05
+    policy.model.vision_backbone = Noise()
+    blind = token_positions(policy, str(demos))
+    # a blind probe predicts about the mean row / column: MAE near 2 patches on an 8 x 8 grid
+    assert min(blind["projector"]["row_col_mae_patches"]) > 1.5
+    assert blind["projector"]["exact"] < 0.1
 
 
 def test_init_from_copies_the_vlm_and_rejects_a_mismatch(tmp_path):
