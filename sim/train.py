@@ -35,6 +35,7 @@ from sim.grounding import (
     grounding_loss,
 )
 from sim.pretrain_vision import load_vision_backbone
+from sim.token_position import TokenPositionHead, token_position_loss
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class TrainConfig:
     ground_weight: float = 0.0  # >0: grounding objective on fresh rendered scenes (sim.grounding)
     ground_batch: int = 16  # fresh scenes per step for the grounding loss
     ground_heldout: int = 200  # held-out grounding scenes, measured at every save
+    pos_weight: float = 0.0  # >0: each projected visual token regresses its grid position
     export_dir: str = ""  # also write the policy + log + training heads here (commit-able)
     export_every_min: float = 20.0  # ... at the first save after this many minutes
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
@@ -265,8 +267,10 @@ def train(cfg: TrainConfig) -> Path:
             torch.manual_seed(cfg.seed + 1)
             ground_head = GroundingHead(policy.config.llm_dim)
     scenes = GroundingScenes(policy) if ground_head is not None else None
+    pos_head = TokenPositionHead(policy.config.llm_dim) if cfg.pos_weight > 0 else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
     params += list(ground_head.parameters()) if ground_head else []
+    params += list(pos_head.parameters()) if pos_head else []
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -290,6 +294,8 @@ def train(cfg: TrainConfig) -> Path:
             aux_head.load_state_dict(state["aux_head"])
         if ground_head is not None:
             ground_head.load_state_dict(state["ground_head"])
+        if pos_head is not None:
+            pos_head.load_state_dict(state["pos_head"])
         opt.load_state_dict(state["optim"])
         gen.set_state(state["generator"])
         step = state["step"]
@@ -312,6 +318,10 @@ def train(cfg: TrainConfig) -> Path:
                     policy, pixels, prompts, actions, gen, aux_head=aux_head, aux=aux
                 )
         total = loss + cfg.aux_weight * aux_loss
+        if pos_head is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                pos_loss = token_position_loss(policy, pos_head, pixels)
+            total = total + cfg.pos_weight * pos_loss
         if ground_head is not None:
             g_loss, g_acc = _ground_step(policy, ground_head, scenes, step, cfg)
             total = total + cfg.ground_weight * g_loss
@@ -332,6 +342,8 @@ def train(cfg: TrainConfig) -> Path:
                 "lr": lr_at(step, cfg),
                 "samples_per_s": round(rate, 1),
             }
+            if pos_head is not None:
+                rec["pos_loss"] = round(pos_loss.item(), 4)
             if ground_head is not None:
                 rec |= {
                     "ground_loss": round(g_loss.item(), 4),
@@ -357,6 +369,7 @@ def train(cfg: TrainConfig) -> Path:
                     "model": model.state_dict(),
                     "aux_head": aux_head.state_dict() if aux_head else {},
                     **({"ground_head": ground_head.state_dict()} if ground_head else {}),
+                    **({"pos_head": pos_head.state_dict()} if pos_head else {}),
                     "optim": opt.state_dict(),
                     "generator": gen.get_state(),
                     "step": step,
