@@ -17,6 +17,7 @@ Each expert is a closed-loop waypoint controller that reads privileged state fro
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,12 @@ def _press(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
     return np.array([top[0], top[1], top[2] - 0.02]), CLOSE  # press through the cap
 
 
-def _push(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
+def _push(env: EmbeddedEnv, funnel: bool = False) -> tuple[np.ndarray, float]:
+    """Get behind the object (on the pad's far side), low, and push it to the pad centre.
+
+    `funnel` (the smooth style): descend behind the object on a funnel instead of only once
+    within 1 cm of the pre-push point, and do not go back up while already behind it.
+    """
     task = env.task_instance
     obj = env.object_pos(task.target_object)
     pad = np.asarray(task.fixtures[task.target_fixture].xy)
@@ -131,16 +137,21 @@ def _push(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
     pre = obj[:2] - u * PUSH_BACKOFF
     rel = ee[:2] - obj[:2]
     along = float(rel @ u)
-    lateral = float(np.linalg.norm(rel - along * u))
+    sideways = rel - along * u
+    lateral = float(np.linalg.norm(sideways))
     low = ee[2] < OBJECT_HALF + 0.035
     travel_z = OBJECT_HALF + TRAVEL_CLEARANCE
+    behind = -PUSH_BACKOFF - 0.03 < along < -0.03  # on the far side of the object from the pad
     if low and lateral < 0.015 and -PUSH_BACKOFF - 0.02 < along < -0.02:
         # In position behind the object: push towards the pad centre, correcting sideways.
-        sideways = rel - along * u
         goal_xy = ee[:2] + u * min(PUSH_SPEED, dist) - 0.5 * sideways
         return np.array([*goal_xy, OBJECT_HALF]), CLOSE
-    if low and np.linalg.norm(rel) < 0.09:
+    if low and np.linalg.norm(rel) < 0.09 and not (funnel and behind and lateral < 0.03):
         return np.array([ee[0], ee[1], travel_z]), CLOSE  # misaligned next to it: go up first
+    if funnel:
+        near = _xy_dist(ee, pre)
+        fall = _funnel(near) if behind or near < FUNNEL_IN else 0.0
+        return np.array([*pre, travel_z - fall * (travel_z - OBJECT_HALF)]), CLOSE
     if _xy_dist(ee, pre) > 0.01:
         return np.array([*pre, max(travel_z, min(ee[2], travel_z))]), CLOSE
     return np.array([*pre, OBJECT_HALF]), CLOSE
@@ -187,34 +198,6 @@ def _stack(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
     return _carry(env, task.target_object, base + np.array([0.0, 0.0, 2 * OBJECT_HALF]))
 
 
-def _push_smooth(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
-    """`_push` with a funnel descent behind the object instead of the 1 cm gate."""
-    task = env.task_instance
-    obj = env.object_pos(task.target_object)
-    pad = np.asarray(task.fixtures[task.target_fixture].xy)
-    ee = env.ee_pos
-    to_pad = pad - obj[:2]
-    dist = float(np.linalg.norm(to_pad))
-    if dist < 0.005:
-        return ee, CLOSE
-    u = to_pad / dist
-    pre = obj[:2] - u * PUSH_BACKOFF
-    rel = ee[:2] - obj[:2]
-    along = float(rel @ u)
-    sideways = rel - along * u
-    lateral = float(np.linalg.norm(sideways))
-    low = ee[2] < OBJECT_HALF + 0.035
-    travel_z = OBJECT_HALF + TRAVEL_CLEARANCE
-    behind = -PUSH_BACKOFF - 0.03 < along < -0.03
-    if low and lateral < 0.015 and -PUSH_BACKOFF - 0.02 < along < -0.02:
-        goal_xy = ee[:2] + u * min(PUSH_SPEED, dist) - 0.5 * sideways
-        return np.array([*goal_xy, OBJECT_HALF]), CLOSE
-    if low and np.linalg.norm(rel) < 0.09 and not (behind and lateral < 0.03):
-        return np.array([ee[0], ee[1], travel_z]), CLOSE  # beside or in front of it: go up
-    fall = _funnel(_xy_dist(ee, pre)) if behind or _xy_dist(ee, pre) < FUNNEL_IN else 0.0
-    return np.array([*pre, travel_z - fall * (travel_z - OBJECT_HALF)]), CLOSE
-
-
 def _carry_smooth(env: EmbeddedEnv, target: int, dest: np.ndarray) -> tuple[np.ndarray, float]:
     """`_carry` with funnel descents: onto the object, and onto `dest` with it."""
     ee = env.ee_pos
@@ -257,7 +240,7 @@ _GATED = {"press": _press, "push": _push, "pick_place": _pick_place, "stack": _s
 # Press keeps its 1 cm gate: the shipped policy already solves it.
 _SMOOTH = {
     "press": _press,
-    "push": _push_smooth,
+    "push": partial(_push, funnel=True),
     "pick_place": _pick_place_smooth,
     "stack": _stack_smooth,
 }
