@@ -186,16 +186,21 @@ def _carry(env: EmbeddedEnv, target: int, dest: np.ndarray) -> tuple[np.ndarray,
     return obj, OPEN
 
 
-def _pick_place(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
+Carry = Callable[[EmbeddedEnv, int, np.ndarray], tuple[np.ndarray, float]]
+
+
+def _pick_place(env: EmbeddedEnv, carry: Carry | None = None) -> tuple[np.ndarray, float]:
     task = env.task_instance
     plate = task.fixtures[task.target_fixture].xy
-    return _carry(env, task.target_object, np.array([*plate, PLATE_TOP + OBJECT_HALF]))
+    dest = np.array([*plate, PLATE_TOP + OBJECT_HALF])
+    return (carry or _carry)(env, task.target_object, dest)
 
 
-def _stack(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
+def _stack(env: EmbeddedEnv, carry: Carry | None = None) -> tuple[np.ndarray, float]:
     task = env.task_instance
     base = env.object_pos(task.base_object)
-    return _carry(env, task.target_object, base + np.array([0.0, 0.0, 2 * OBJECT_HALF]))
+    dest = base + np.array([0.0, 0.0, 2 * OBJECT_HALF])
+    return (carry or _carry)(env, task.target_object, dest)
 
 
 def _carry_smooth(env: EmbeddedEnv, target: int, dest: np.ndarray) -> tuple[np.ndarray, float]:
@@ -224,25 +229,13 @@ def _carry_smooth(env: EmbeddedEnv, target: int, dest: np.ndarray) -> tuple[np.n
     return np.array([obj[0], obj[1], hover_z - _funnel(xy_err) * TRAVEL_CLEARANCE]), OPEN
 
 
-def _pick_place_smooth(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
-    task = env.task_instance
-    plate = task.fixtures[task.target_fixture].xy
-    return _carry_smooth(env, task.target_object, np.array([*plate, PLATE_TOP + OBJECT_HALF]))
-
-
-def _stack_smooth(env: EmbeddedEnv) -> tuple[np.ndarray, float]:
-    task = env.task_instance
-    base = env.object_pos(task.base_object)
-    return _carry_smooth(env, task.target_object, base + np.array([0.0, 0.0, 2 * OBJECT_HALF]))
-
-
 _GATED = {"press": _press, "push": _push, "pick_place": _pick_place, "stack": _stack}
 # Press keeps its 1 cm gate: the shipped policy already solves it.
 _SMOOTH = {
     "press": _press,
     "push": partial(_push, funnel=True),
-    "pick_place": _pick_place_smooth,
-    "stack": _stack_smooth,
+    "pick_place": partial(_pick_place, carry=_carry_smooth),
+    "stack": partial(_stack, carry=_carry_smooth),
 }
 _POLICIES = {"smooth": _SMOOTH, "gated": _GATED}
 # How a waypoint error becomes a step. The smooth experts clip each axis on its own (the env
