@@ -83,8 +83,9 @@ def expert_for(
 ) -> Expert:
     """The scripted expert of `env`'s task family (call after or before `env.reset`).
 
-    `style`: "smooth" (funnel descents, the default) or "gated" (the experts the shipped
-    policies were trained on: descend only once within 5 mm).
+    `style`: "smooth" (the default: each axis clipped on its own, funnel descents) or "gated"
+    (the experts the shipped policies were trained on: straight-line steps, descend only once
+    within 5 mm).
     """
     return Expert(env, noise_std=noise_std, seed=seed, style=style)
 
