@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sim.envs.embedded import EmbeddedEnv
-from sim.experts import _CLIP, _POLICIES, STYLES
+from sim.experts import STYLES, Expert
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +44,15 @@ def success_rate(
 ) -> float:
     """Fraction of `seeds` the `style` expert solves when it sees positions through noise."""
     env = EmbeddedEnv(task, image_size=32)  # the image is not used
-    policy = _POLICIES[style][task]
     wins = 0
     try:
         for seed in seeds:
             env.reset(seed=seed)
             view = NoisyView(env, np.random.default_rng(seed), bias_m, step_m)
+            expert = Expert(env, style=style, view=view)
             info = {"success": False}
             for _ in range(env.max_episode_steps):
-                goal, gripper = policy(view)
-                delta = _CLIP[style](goal - env.ee_pos, env.config.max_delta)
-                action = np.array([*delta, 0.0, 0.0, 0.0, gripper], dtype=np.float32)
-                _, _, terminated, truncated, info = env.step(action)
+                _, _, terminated, truncated, info = env.step(expert())
                 if terminated or truncated:
                     break
             wins += bool(info["success"])

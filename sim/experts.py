@@ -55,19 +55,23 @@ class Expert:
         noise_std: float = 0.0,
         seed: int | None = None,
         style: str = "smooth",
+        view: Any = None,
     ):
         if not isinstance(env, EmbeddedEnv):
             raise TypeError(f"experts need an EmbeddedEnv, got {type(env).__name__}")
         if style not in STYLES:
             raise ValueError(f"unknown expert style {style!r}; expected one of {STYLES}")
         self.env = env
+        # What the expert reads positions from: the env itself, or a perturbed view of it
+        # (sim.expert_noise) with the same attributes.
+        self.view = env if view is None else view
         self.noise_std = noise_std  # metres, Gaussian noise on dx, dy, dz (demo diversity)
         self.style = style
         self._rng = np.random.default_rng(seed)
         self._policy: Callable[[EmbeddedEnv], tuple[np.ndarray, float]] = _POLICIES[style][env.task]
 
     def __call__(self, obs: Any = None) -> np.ndarray:
-        goal, gripper = self._policy(self.env)
+        goal, gripper = self._policy(self.view)
         error = goal - self.env.ee_pos
         delta = _CLIP[self.style](error, self.env.config.max_delta)
         if self.noise_std > 0:

@@ -39,6 +39,7 @@ import torch
 import vla_prune
 from sim.dataset import AUX_DIM, AUX_SCALE, DemoBatches, iter_episodes
 from sim.envs.embedded import EmbeddedEnv
+from sim.token_position import patch_grid
 from sim.train import TrainConfig, action_logits, last_hidden
 from vla_prune.preprocess import image_to_pixels
 
@@ -170,9 +171,7 @@ def token_positions(policy: vla_prune.Policy | str, data: str, episodes: int = 2
     for name, chunks in towers.items():
         x = np.concatenate(chunks).astype(np.float64)
         n, t, d = x.shape
-        side = int(round(t**0.5))
-        grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1)
-        y = np.broadcast_to(grid.reshape(1, t, 2).astype(np.float64), (n, t, 2))
+        y = np.broadcast_to(patch_grid(t).numpy().astype(np.float64), (n, t, 2))
         fit = (np.arange(n) // 2) % 2 == 0  # fit on even episodes, score on odd ones
         xf, yf = x[fit].reshape(-1, d), y[fit].reshape(-1, 2)
         mean = xf.mean(0)

@@ -28,14 +28,19 @@ class TokenPositionHead(torch.nn.Module):
         return self.linear(tokens)
 
 
-def grid_targets(num_patches: int) -> torch.Tensor:
-    """[num_patches, 2] (row, col) of each token in raster order, scaled to [-1, 1]."""
+def patch_grid(num_patches: int) -> torch.Tensor:
+    """[num_patches, 2] (row, col) of each token in raster order, in patches."""
     side = int(round(num_patches**0.5))
     if side * side != num_patches:
         raise ValueError(f"token positions need a square patch grid, got {num_patches} tokens")
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    grid = torch.stack([rows, cols], dim=-1).reshape(num_patches, 2).float()
-    return grid / (side - 1) * 2 - 1
+    return torch.stack([rows, cols], dim=-1).reshape(num_patches, 2).float()
+
+
+def grid_targets(num_patches: int) -> torch.Tensor:
+    """`patch_grid` scaled to [-1, 1]."""
+    side = int(round(num_patches**0.5))
+    return patch_grid(num_patches) / (side - 1) * 2 - 1
 
 
 def token_position_loss(
