@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 import vla_prune
-from sim.seglabels import SceneSampler, entity_patches, patch_labels
+from sim.seglabels import ENT_GRIPPER, SceneSampler, entity_patches, patch_labels
 from vla_prune.preprocess import image_to_pixels
 
 GROUND_SEED_START = 6_000_000  # training scenes: GROUND_SEED_START + step * batch + j
 GROUND_HELDOUT_SEED_START = 4_100_000  # held-out scenes (never trained on)
 FAMILIES = ("press", "push", "pick_place", "stack")
-ROLES = ("target", "goal")
+ROLES = ("target", "goal")  # what the grounding head points at
+MASK_ROLES = (*ROLES, "gripper")  # the masks a scene carries (sim.query_attention uses all)
 
 
 class GroundingHead(torch.nn.Module):
@@ -44,7 +45,8 @@ class GroundingHead(torch.nn.Module):
 
 
 class GroundingScenes:
-    """Labelled scenes for the grounding loss: pixels, prompt ids and [B, 2, P] patch masks."""
+    """Labelled scenes for the grounding loss: pixels, prompt ids and [B, 3, P] patch masks
+    (target, goal, gripper: MASK_ROLES)."""
 
     def __init__(self, policy: vla_prune.Policy, families: Sequence[str] = FAMILIES):
         self.policy = policy
@@ -67,7 +69,7 @@ class GroundingScenes:
                 np.stack(
                     [
                         entity_patches(lab, e, f.ent_uv[e], self.grid, size)
-                        for e in (f.target, f.goal)
+                        for e in (f.target, f.goal, ENT_GRIPPER)
                     ]
                 )
             )
@@ -99,6 +101,7 @@ def grounding_logits(
 def grounding_loss(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy against a uniform distribution over the labelled patches (an object can
     span two); accuracy = the top patch is one of them. Both averaged over scenes and roles."""
+    masks = masks[:, : logits.shape[1]]  # the scene also carries the gripper's mask
     target = masks.float() / masks.sum(-1, keepdim=True).clamp(min=1)
     loss = -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
     top = logits.argmax(-1)
@@ -131,6 +134,7 @@ def evaluate_grounding(
             hidden, lengths = last_hidden(policy, pixels, prompts)
             logits = grounding_logits(head, hidden, lengths, masks.shape[-1])
         top = logits.argmax(-1)
+        masks = masks[:, : len(ROLES)]
         ok = masks.gather(-1, top[..., None])[..., 0].float()
         for b, family in enumerate(families):
             for r, role in enumerate(ROLES):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import vla_prune
-
 
 class TokenPositionHead(torch.nn.Module):
     """Projected visual token [.., llm_dim] -> its (row, col), scaled to [-1, 1]."""
@@ -43,11 +41,7 @@ def grid_targets(num_patches: int) -> torch.Tensor:
     return patch_grid(num_patches) / (side - 1) * 2 - 1
 
 
-def token_position_loss(
-    policy: vla_prune.Policy, head: TokenPositionHead, pixels: torch.Tensor
-) -> torch.Tensor:
-    """Smooth-L1 of every projected token's predicted grid position (one extra vision pass)."""
-    model = policy.model
-    tokens = model.projector(model.vision_backbone(pixels))
+def token_position_loss(head: TokenPositionHead, tokens: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 of every projected visual token's [B, P, D] predicted grid position."""
     target = grid_targets(tokens.shape[1]).expand(tokens.shape[0], -1, -1)
     return F.smooth_l1_loss(head(tokens).float(), target, beta=0.1)

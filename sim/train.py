@@ -13,6 +13,7 @@ checkpoint in the OpenVLA Hugging Face layout that `vla_prune.load_policy` reads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 import vla_prune
 from sim.dataset import AUX_DIM, DemoBatches
 from sim.grounding import (
+    MASK_ROLES,
     GroundingHead,
     GroundingScenes,
     evaluate_grounding,
@@ -35,6 +37,7 @@ from sim.grounding import (
     grounding_loss,
 )
 from sim.pretrain_vision import load_vision_backbone
+from sim.query_attention import attention_mass_loss, capture_layer_input, query_attention
 from sim.token_position import TokenPositionHead, token_position_loss
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,8 @@ class TrainConfig:
     ground_batch: int = 16  # fresh scenes per step for the grounding loss
     ground_heldout: int = 200  # held-out grounding scenes, measured at every save
     pos_weight: float = 0.0  # >0: each projected visual token regresses its grid position
+    attn_weight: float = 0.0  # >0: query heads attend to target/goal/gripper (sim.query_attention)
+    attn_layer: int = 1  # the decoder layer whose heads sim.query_attention supervises
     export_dir: str = ""  # also write the policy + log + training heads here (commit-able)
     export_every_min: float = 20.0  # ... at the first save after this many minutes
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
@@ -84,6 +89,7 @@ def action_loss(
     label_sigma: float = 0.0,
     aux_head: torch.nn.Module | None = None,
     aux: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
 ):
     """Cross-entropy of the 7 action tokens given image + prompt (teacher forcing).
 
@@ -92,17 +98,17 @@ def action_loss(
     their decoding are OpenVLA's either way; this only shapes the training signal, which on a
     small dataset otherwise collapses to the marginal action for a long time.
     """
-    logits, h = action_logits(policy, pixels, prompts, action_tokens)
+    logits, h = action_logits(policy, pixels, prompts, action_tokens, patches)
     at = policy.action_tokenizer
     loss = soft_label_loss(logits, action_tokens, at.first_action_id, at.n_bins, label_sigma)
     acc = (logits.argmax(-1) == action_tokens).float().mean()
     return loss, acc, _aux_loss(aux_head, h[:, 0], aux)  # the row predicting the first action
 
 
-def action_logits(policy: vla_prune.Policy, pixels, prompts, action_tokens):
+def action_logits(policy: vla_prune.Policy, pixels, prompts, action_tokens, patches=None):
     """Teacher-forced logits [B, 7, vocab] of the 7 action tokens, and their hidden states."""
     n_act = action_tokens.shape[1]
-    hidden, lengths = last_hidden(policy, pixels, prompts, action_tokens[:, :-1])
+    hidden, lengths = last_hidden(policy, pixels, prompts, action_tokens[:, :-1], patches)
     # the rows whose next token is an action token: the last prompt row, then a1..a6
     rows = torch.stack([torch.arange(n - n_act, n) for n in lengths])
     h = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -116,13 +122,19 @@ def _aux_loss(aux_head: torch.nn.Module | None, query: torch.Tensor, aux) -> tor
     return F.smooth_l1_loss(aux_head(query).float(), aux, beta=0.1)
 
 
-def last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None):
+def visual_tokens(policy: vla_prune.Policy, pixels: torch.Tensor) -> torch.Tensor:
+    """The projected visual tokens [B, P, D] the LLM reads."""
+    return policy.model.projector(policy.model.vision_backbone(pixels))
+
+
+def last_hidden(policy: vla_prune.Policy, pixels, prompts, extra_tokens=None, patches=None):
     """Final-norm hidden states of [BOS, visual, prompt (+ extra tokens)], right-padded;
-    returns (hidden [B, L, D], lengths)."""
-    model = policy.model
-    lm = model.language_model
+    returns (hidden [B, L, D], lengths). `patches`: this batch's `visual_tokens`, if another
+    loss already computed them (one vision pass per step)."""
+    lm = policy.model.language_model
     embed = lm.get_input_embeddings()
-    patches = model.projector(model.vision_backbone(pixels))
+    if patches is None:
+        patches = visual_tokens(policy, pixels)
     rows, lengths = [], []
     for b, ids in enumerate(prompts):
         seq = (
@@ -148,6 +160,7 @@ def diffusion_loss(
     repeats: int = 4,
     aux_head: torch.nn.Module | None = None,
     aux: torch.Tensor | None = None,
+    patches: torch.Tensor | None = None,
 ):
     """CogACT's objective: predict the noise added to the normalized action chunk at a random
     diffusion step, conditioned on the cognition token's final hidden state; the condition is
@@ -155,7 +168,7 @@ def diffusion_loss(
     which is what classifier-free guidance needs. `repeats` noise draws per LLM forward."""
     from vla_prune.models.cogact import squaredcos_alphas_cumprod
 
-    hidden, lengths = last_hidden(policy, pixels, prompts)
+    hidden, lengths = last_hidden(policy, pixels, prompts, patches=patches)
     b = hidden.shape[0]
     z = hidden[torch.arange(b), torch.tensor(lengths) - 1][:, None]  # [B, 1, D]
     aux_loss = _aux_loss(aux_head, z[:, 0], aux)  # the cognition token
@@ -232,12 +245,22 @@ def validate(policy, val: DemoBatches, cfg: TrainConfig, aux_head=None) -> dict[
 
 
 def _ground_step(policy, head, scenes, step: int, cfg: TrainConfig):
-    """Grounding loss and accuracy on this step's fresh scenes (sim.grounding)."""
+    """On this step's fresh scenes (sim.grounding): grounding loss and accuracy, and with
+    attn_weight > 0 the query-attention loss and per-role mass (sim.query_attention; else
+    None, None). Fresh scenes: each step's numbers are measured before training on them."""
     pixels, prompts, masks, _ = scenes.for_step(step, cfg.ground_batch, cfg.seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    lm = policy.model.language_model.model
+    layer = lm.layers[cfg.attn_layer] if cfg.attn_weight > 0 else None
+    capture = capture_layer_input(layer) if layer is not None else contextlib.nullcontext()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16), capture as seen:
         hidden, lengths = last_hidden(policy, pixels, prompts)
         logits = grounding_logits(head, hidden, lengths, masks.shape[-1])
-    return grounding_loss(logits, masks)
+        if layer is not None:
+            attn = query_attention(layer, seen, lengths, lm.config.num_attention_heads)
+    g_loss, g_acc = grounding_loss(logits, masks)
+    if layer is None:
+        return g_loss, g_acc, None, None
+    return (g_loss, g_acc, *attention_mass_loss(attn, masks))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -247,11 +270,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def check_config(cfg: TrainConfig, num_layers: int, num_heads: int) -> None:
+    """Reject settings that would silently do nothing or fail mid-run."""
+    if cfg.attn_weight > 0:
+        if cfg.ground_weight <= 0:
+            raise ValueError("--attn-weight uses the grounding scenes: set --ground-weight > 0")
+        if not 0 <= cfg.attn_layer < num_layers:
+            raise ValueError(f"--attn-layer {cfg.attn_layer}: the LLM has {num_layers} layers")
+        if num_heads < len(MASK_ROLES):
+            raise ValueError(f"--attn-weight needs >= {len(MASK_ROLES)} heads, got {num_heads}")
+
+
 def train(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     policy = vla_prune.build_policy(cfg.preset, seed=cfg.seed)
+    llm = policy.model.language_model.config
+    check_config(cfg, llm.num_hidden_layers, llm.num_attention_heads)
     if cfg.init_from:
         init_weights(policy.model, cfg.init_from)
     if cfg.init_vision:
@@ -260,14 +296,16 @@ def train(cfg: TrainConfig) -> Path:
     data = DemoBatches(cfg.data, policy, cfg)
     val = DemoBatches(cfg.val_data, policy, cfg, stats=data.stats) if cfg.val_data else None
     model = policy.model.train()
-    aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM) if cfg.aux_weight > 0 else None
-    ground_head = None
-    if cfg.ground_weight > 0:
-        with torch.random.fork_rng():  # seeded init, and the global RNG left as it was
-            torch.manual_seed(cfg.seed + 1)
+    ground_head = pos_head = aux_head = None
+    with torch.random.fork_rng():  # seeded heads (a run is a function of its config), and
+        torch.manual_seed(cfg.seed + 1)  # the global RNG left as it was
+        if cfg.ground_weight > 0:
             ground_head = GroundingHead(policy.config.llm_dim)
+        if cfg.pos_weight > 0:
+            pos_head = TokenPositionHead(policy.config.llm_dim)
+        if cfg.aux_weight > 0:
+            aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM)
     scenes = GroundingScenes(policy) if ground_head is not None else None
-    pos_head = TokenPositionHead(policy.config.llm_dim) if cfg.pos_weight > 0 else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
     params += list(ground_head.parameters()) if ground_head else []
     params += list(pos_head.parameters()) if pos_head else []
@@ -309,22 +347,33 @@ def train(cfg: TrainConfig) -> Path:
         pixels, prompts, actions, aux = data.sample(gen)
         # bf16 matmuls are ~2.6x faster on AVX512-BF16 CPUs; weights and optimizer stay fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            # one vision pass, shared by the action loss and the position loss
+            patches = visual_tokens(policy, pixels)
             if data.chunks is None:
                 loss, acc, aux_loss = action_loss(
-                    policy, pixels, prompts, actions, cfg.label_sigma, aux_head, aux
+                    policy, pixels, prompts, actions, cfg.label_sigma, aux_head, aux, patches
                 )
             else:
                 loss, acc, aux_loss = diffusion_loss(
-                    policy, pixels, prompts, actions, gen, aux_head=aux_head, aux=aux
+                    policy,
+                    pixels,
+                    prompts,
+                    actions,
+                    gen,
+                    aux_head=aux_head,
+                    aux=aux,
+                    patches=patches,
                 )
         total = loss + cfg.aux_weight * aux_loss
         if pos_head is not None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                pos_loss = token_position_loss(policy, pos_head, pixels)
+                pos_loss = token_position_loss(pos_head, patches)
             total = total + cfg.pos_weight * pos_loss
         if ground_head is not None:
-            g_loss, g_acc = _ground_step(policy, ground_head, scenes, step, cfg)
+            g_loss, g_acc, a_loss, a_mass = _ground_step(policy, ground_head, scenes, step, cfg)
             total = total + cfg.ground_weight * g_loss
+            if a_loss is not None:
+                total = total + cfg.attn_weight * a_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -349,6 +398,11 @@ def train(cfg: TrainConfig) -> Path:
                     "ground_loss": round(g_loss.item(), 4),
                     "ground_acc": round(g_acc.item(), 4),
                 }
+                if a_loss is not None:
+                    rec["attn_loss"] = round(a_loss.item(), 4)
+                    rec |= {
+                        f"attn_mass_{r}": round(m, 4) for r, m in zip(MASK_ROLES, a_mass.tolist())
+                    }
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             log.info(

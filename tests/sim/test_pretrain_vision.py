@@ -12,7 +12,7 @@ import vla_prune
 from sim import pretrain_vision as pv
 from sim import train as train_mod
 from sim.demos import DemoConfig, generate_demos
-from sim.grounding import GroundingScenes, grounding_loss
+from sim.grounding import MASK_ROLES, GroundingScenes, grounding_loss
 from sim.seglabels import (
     CLASS_TABLE,
     OBJECT_CLASS0,
@@ -155,6 +155,8 @@ def test_bc_with_init_vision_and_grounding_logs_and_resumes_exactly(pretrained, 
             ground_weight=1.0,
             ground_batch=4,
             ground_heldout=8,
+            attn_weight=1.0,  # the query-attention objective rides on the grounding scenes
+            pos_weight=1.0,  # and the position loss shares the action loss's vision pass
         )
         return train_mod.TrainConfig(**{**base, **kw})
 
@@ -167,6 +169,8 @@ def test_bc_with_init_vision_and_grounding_logs_and_resumes_exactly(pretrained, 
     assert (tmp_path / "exp" / "train_log.jsonl").exists()
     recs = [json.loads(line) for line in (tmp_path / "a/train_log.jsonl").open()]
     assert all("ground_loss" in r for r in recs if "loss" in r)
+    masses = [r[f"attn_mass_{role}"] for r in recs if "loss" in r for role in MASK_ROLES]
+    assert len(masses) == 3 * 6 and all(0 < m < 1 for m in masses)
     held = [r["ground_heldout"] for r in recs if "ground_heldout" in r]
     assert len(held) == 2 and {"press_target", "stack_goal", "all"} <= set(held[-1])
     state = torch.load(tmp_path / "a/train_state.pt", weights_only=True)
@@ -204,4 +208,4 @@ def test_grounding_scenes_are_a_function_of_the_step():
         scenes.close()
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[1] == b[1]
     assert not torch.equal(a[0], c[0])
-    assert a[2].shape == (2, 2, 64) and a[2].any(-1).all()
+    assert a[2].shape == (2, 3, 64) and a[2].any(-1).all()  # target, goal, gripper
