@@ -14,6 +14,7 @@ memorized. Training-only: the head is not exported.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,9 +45,17 @@ class GroundingHead(torch.nn.Module):
         return torch.einsum("brd,bpd->brp", q, self.k(visual)).float() / self.key_dim**0.5
 
 
+class GroundingBatch(NamedTuple):
+    pixels: torch.Tensor  # [B, C, H, W]
+    prompts: list[list[int]]
+    masks: torch.Tensor  # [B, 3, P] bool: the patches showing each of MASK_ROLES
+    families: list[str]
+    offsets: torch.Tensor  # [B, P, 2] sub-patch (col, row) offset of the thing each patch shows
+    has_thing: torch.Tensor  # [B, P] bool: the patch shows a thing (offsets are defined)
+
+
 class GroundingScenes:
-    """Labelled scenes for the grounding loss: pixels, prompt ids and [B, 3, P] patch masks
-    (target, goal, gripper: MASK_ROLES)."""
+    """Labelled scenes for the grounding loss (a `GroundingBatch`)."""
 
     def __init__(self, policy: vla_prune.Policy, families: Sequence[str] = FAMILIES):
         self.policy = policy
@@ -58,7 +67,7 @@ class GroundingScenes:
         """Scene k uses family k % len(families); rng=None: first-frame gripper pose, else a
         random state for half of them (the target may already be in the gripper)."""
         pc = self.policy.config
-        pixels, prompts, masks, families = [], [], [], []
+        pixels, prompts, masks, families, offsets, has_thing = [], [], [], [], [], []
         for seed in seeds:
             family = self.families[seed % len(self.families)]
             home = rng is None or rng.random() < 0.5
@@ -73,10 +82,19 @@ class GroundingScenes:
                     ]
                 )
             )
+            offsets.append(lab["offset"])
+            has_thing.append(lab["reg_mask"])
             pixels.append(image_to_pixels(f.image, pc.image_size, pc.image_means, pc.image_stds))
             prompts.append(self.policy.token_ids(f.instruction))
             families.append(family)
-        return torch.cat(pixels), prompts, torch.from_numpy(np.stack(masks)), families
+        return GroundingBatch(
+            torch.cat(pixels),
+            prompts,
+            torch.from_numpy(np.stack(masks)),
+            families,
+            torch.from_numpy(np.stack(offsets)),
+            torch.from_numpy(np.stack(has_thing)),
+        )
 
     def for_step(self, step: int, batch: int, seed: int):
         """The training scenes of one step: a pure function of (step, seed), so a resumed run
@@ -129,7 +147,7 @@ def evaluate_grounding(
         seeds = range(
             GROUND_HELDOUT_SEED_START + start, GROUND_HELDOUT_SEED_START + min(n, start + batch)
         )
-        pixels, prompts, masks, families = scenes.scenes(list(seeds), None)
+        pixels, prompts, masks, families, _, _ = scenes.scenes(list(seeds), None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden, lengths = last_hidden(policy, pixels, prompts)
             logits = grounding_logits(head, hidden, lengths, masks.shape[-1])

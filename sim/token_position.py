@@ -6,7 +6,14 @@ token itself carries its position. The pretrained vision tower's tokens do (a li
 reads their row/column to 0.25-0.45 patches); after behaviour cloning, the projector's output,
 which is what the LLM sees, has lost most of it (0.8-1.1 patches; `sim.probe --positions`).
 A linear head on each projected token regressing its (row, col) keeps that information
-linearly readable. The head is dropped at export: the policy stays plain OpenVLA.
+linearly readable.
+
+Which patch is not enough for a 2 cm grasp box (a patch is ~8 cm of table): the tower's tokens
+also say where inside their patch the thing they show sits (a linear probe reads the target's
+sub-patch offset to 0.09 patches; after BC the projector's to 0.16-0.18, against 0.23-0.27 for
+no information; checkpoints-training §7). A second head regresses that offset, on the
+labelled grounding scenes (`sim.grounding`), for the patches the segmentation render says show
+a thing. Both heads are dropped at export: the policy stays plain OpenVLA.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import torch.nn.functional as F
 
 
 class TokenPositionHead(torch.nn.Module):
-    """Projected visual token [.., llm_dim] -> its (row, col), scaled to [-1, 1]."""
+    """Projected visual token [.., llm_dim] -> 2 numbers: its (row, col) scaled to [-1, 1]
+    (`token_position_loss`), or its thing's sub-patch offset (`token_offset_loss`)."""
 
     def __init__(self, llm_dim: int):
         super().__init__()
@@ -45,3 +53,13 @@ def token_position_loss(head: TokenPositionHead, tokens: torch.Tensor) -> torch.
     """Smooth-L1 of every projected visual token's [B, P, D] predicted grid position."""
     target = grid_targets(tokens.shape[1]).expand(tokens.shape[0], -1, -1)
     return F.smooth_l1_loss(head(tokens).float(), target, beta=0.1)
+
+
+def token_offset_loss(
+    head: TokenPositionHead, tokens: torch.Tensor, offsets: torch.Tensor, has_thing: torch.Tensor
+) -> torch.Tensor:
+    """Smooth-L1 of the sub-patch (col, row) offset [B, P, 2] (in patches, from
+    `sim.seglabels.patch_labels`) of the thing each projected token shows, over the tokens
+    that show one (`has_thing` [B, P])."""
+    pred = head(tokens).float()[has_thing]
+    return F.smooth_l1_loss(pred, offsets[has_thing], beta=0.1) if len(pred) else pred.sum()

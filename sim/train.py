@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from sim.grounding import (
 )
 from sim.pretrain_vision import load_vision_backbone
 from sim.query_attention import attention_mass_loss, capture_layer_input, query_attention
-from sim.token_position import TokenPositionHead, token_position_loss
+from sim.token_position import TokenPositionHead, token_offset_loss, token_position_loss
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class TrainConfig:
     pos_weight: float = 0.0  # >0: each projected visual token regresses its grid position
     attn_weight: float = 0.0  # >0: query heads attend to target/goal/gripper (sim.query_attention)
     attn_layer: int = 1  # the decoder layer whose heads sim.query_attention supervises
+    offset_weight: float = 0.0  # >0: projected tokens keep their thing's sub-patch offset
     export_dir: str = ""  # also write the policy + log + training heads here (commit-able)
     export_every_min: float = 20.0  # ... at the first save after this many minutes
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
@@ -244,23 +246,38 @@ def validate(policy, val: DemoBatches, cfg: TrainConfig, aux_head=None) -> dict[
     return {k: round(v, 4) for k, v in totals.items()}
 
 
-def _ground_step(policy, head, scenes, step: int, cfg: TrainConfig):
-    """On this step's fresh scenes (sim.grounding): grounding loss and accuracy, and with
-    attn_weight > 0 the query-attention loss and per-role mass (sim.query_attention; else
-    None, None). Fresh scenes: each step's numbers are measured before training on them."""
-    pixels, prompts, masks, _ = scenes.for_step(step, cfg.ground_batch, cfg.seed)
+class GroundStep(NamedTuple):
+    """The losses on one step's grounding scenes; None where that objective is off."""
+
+    loss: torch.Tensor
+    acc: torch.Tensor
+    attn_loss: torch.Tensor | None  # sim.query_attention
+    attn_mass: torch.Tensor | None  # [3]: mass on each of MASK_ROLES
+    offset_loss: torch.Tensor | None  # sim.token_position.token_offset_loss
+
+
+def _ground_step(policy, head, scenes, step: int, cfg: TrainConfig, offset_head=None):
+    """On this step's fresh scenes (sim.grounding): the grounding loss and the objectives that
+    need the render's labels. Fresh scenes: each step's numbers are measured before training
+    on them, so they are held-out numbers."""
+    pixels, prompts, masks, _, offsets, has_thing = scenes.for_step(
+        step, cfg.ground_batch, cfg.seed
+    )
     lm = policy.model.language_model.model
     layer = lm.layers[cfg.attn_layer] if cfg.attn_weight > 0 else None
     capture = capture_layer_input(layer) if layer is not None else contextlib.nullcontext()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16), capture as seen:
-        hidden, lengths = last_hidden(policy, pixels, prompts)
+        patches = visual_tokens(policy, pixels)
+        hidden, lengths = last_hidden(policy, pixels, prompts, patches=patches)
         logits = grounding_logits(head, hidden, lengths, masks.shape[-1])
         if layer is not None:
             attn = query_attention(layer, seen, lengths, lm.config.num_attention_heads)
+        o_loss = None
+        if offset_head is not None:
+            o_loss = token_offset_loss(offset_head, patches, offsets, has_thing)
     g_loss, g_acc = grounding_loss(logits, masks)
-    if layer is None:
-        return g_loss, g_acc, None, None
-    return (g_loss, g_acc, *attention_mass_loss(attn, masks))
+    a_loss, a_mass = attention_mass_loss(attn, masks) if layer is not None else (None, None)
+    return GroundStep(g_loss, g_acc, a_loss, a_mass, o_loss)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -272,6 +289,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def check_config(cfg: TrainConfig, num_layers: int, num_heads: int) -> None:
     """Reject settings that would silently do nothing or fail mid-run."""
+    if cfg.offset_weight > 0 and cfg.ground_weight <= 0:
+        raise ValueError("--offset-weight uses the grounding scenes: set --ground-weight > 0")
     if cfg.attn_weight > 0:
         if cfg.ground_weight <= 0:
             raise ValueError("--attn-weight uses the grounding scenes: set --ground-weight > 0")
@@ -296,19 +315,22 @@ def train(cfg: TrainConfig) -> Path:
     data = DemoBatches(cfg.data, policy, cfg)
     val = DemoBatches(cfg.val_data, policy, cfg, stats=data.stats) if cfg.val_data else None
     model = policy.model.train()
-    ground_head = pos_head = aux_head = None
+    ground_head = pos_head = aux_head = offset_head = None
     with torch.random.fork_rng():  # seeded heads (a run is a function of its config), and
         torch.manual_seed(cfg.seed + 1)  # the global RNG left as it was
         if cfg.ground_weight > 0:
             ground_head = GroundingHead(policy.config.llm_dim)
         if cfg.pos_weight > 0:
             pos_head = TokenPositionHead(policy.config.llm_dim)
+        if cfg.offset_weight > 0:
+            offset_head = TokenPositionHead(policy.config.llm_dim)
         if cfg.aux_weight > 0:
             aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM)
     scenes = GroundingScenes(policy) if ground_head is not None else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
     params += list(ground_head.parameters()) if ground_head else []
     params += list(pos_head.parameters()) if pos_head else []
+    params += list(offset_head.parameters()) if offset_head else []
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -334,6 +356,8 @@ def train(cfg: TrainConfig) -> Path:
             ground_head.load_state_dict(state["ground_head"])
         if pos_head is not None:
             pos_head.load_state_dict(state["pos_head"])
+        if offset_head is not None:
+            offset_head.load_state_dict(state["offset_head"])
         opt.load_state_dict(state["optim"])
         gen.set_state(state["generator"])
         step = state["step"]
@@ -370,10 +394,12 @@ def train(cfg: TrainConfig) -> Path:
                 pos_loss = token_position_loss(pos_head, patches)
             total = total + cfg.pos_weight * pos_loss
         if ground_head is not None:
-            g_loss, g_acc, a_loss, a_mass = _ground_step(policy, ground_head, scenes, step, cfg)
-            total = total + cfg.ground_weight * g_loss
-            if a_loss is not None:
-                total = total + cfg.attn_weight * a_loss
+            g = _ground_step(policy, ground_head, scenes, step, cfg, offset_head)
+            total = total + cfg.ground_weight * g.loss
+            if g.attn_loss is not None:
+                total = total + cfg.attn_weight * g.attn_loss
+            if g.offset_loss is not None:
+                total = total + cfg.offset_weight * g.offset_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -395,14 +421,15 @@ def train(cfg: TrainConfig) -> Path:
                 rec["pos_loss"] = round(pos_loss.item(), 4)
             if ground_head is not None:
                 rec |= {
-                    "ground_loss": round(g_loss.item(), 4),
-                    "ground_acc": round(g_acc.item(), 4),
+                    "ground_loss": round(g.loss.item(), 4),
+                    "ground_acc": round(g.acc.item(), 4),
                 }
-                if a_loss is not None:
-                    rec["attn_loss"] = round(a_loss.item(), 4)
-                    rec |= {
-                        f"attn_mass_{r}": round(m, 4) for r, m in zip(MASK_ROLES, a_mass.tolist())
-                    }
+                if g.attn_loss is not None:
+                    rec["attn_loss"] = round(g.attn_loss.item(), 4)
+                    masses = g.attn_mass.tolist()
+                    rec |= {f"attn_mass_{r}": round(m, 4) for r, m in zip(MASK_ROLES, masses)}
+                if g.offset_loss is not None:
+                    rec["offset_loss"] = round(g.offset_loss.item(), 4)
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             log.info(
@@ -424,6 +451,7 @@ def train(cfg: TrainConfig) -> Path:
                     "aux_head": aux_head.state_dict() if aux_head else {},
                     **({"ground_head": ground_head.state_dict()} if ground_head else {}),
                     **({"pos_head": pos_head.state_dict()} if pos_head else {}),
+                    **({"offset_head": offset_head.state_dict()} if offset_head else {}),
                     "optim": opt.state_dict(),
                     "generator": gen.get_state(),
                     "step": step,

@@ -157,6 +157,7 @@ def test_bc_with_init_vision_and_grounding_logs_and_resumes_exactly(pretrained, 
             ground_heldout=8,
             attn_weight=1.0,  # the query-attention objective rides on the grounding scenes
             pos_weight=1.0,  # and the position loss shares the action loss's vision pass
+            offset_weight=1.0,  # the sub-patch offsets come from the grounding scenes' labels
         )
         return train_mod.TrainConfig(**{**base, **kw})
 
@@ -174,7 +175,8 @@ def test_bc_with_init_vision_and_grounding_logs_and_resumes_exactly(pretrained, 
     held = [r["ground_heldout"] for r in recs if "ground_heldout" in r]
     assert len(held) == 2 and {"press_target", "stack_goal", "all"} <= set(held[-1])
     state = torch.load(tmp_path / "a/train_state.pt", weights_only=True)
-    assert "ground_head" in state
+    assert {"ground_head", "pos_head", "offset_head"} <= set(state)
+    assert all(r["offset_loss"] > 0 for r in recs if "loss" in r)
     # interrupted after the step-3 save: the resumed run ends with the same weights
     calls = {"n": 0}
     real = train_mod._ground_step
@@ -208,4 +210,7 @@ def test_grounding_scenes_are_a_function_of_the_step():
         scenes.close()
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and a[1] == b[1]
     assert not torch.equal(a[0], c[0])
-    assert a[2].shape == (2, 3, 64) and a[2].any(-1).all()  # target, goal, gripper
+    assert a.masks.shape == (2, 3, 64) and a.masks.any(-1).all()  # target, goal, gripper
+    # every patch showing a thing has an offset inside the +-1.5-patch clip
+    assert a.offsets.shape == (2, 64, 2) and a.has_thing.any()
+    assert a.offsets[a.has_thing].abs().max() <= 1.5

@@ -193,6 +193,20 @@ def test_token_position_objective_trains_and_stays_out_of_the_policy(demos, tmp_
     assert set(policy.model.state_dict()) == set(fresh.model.state_dict())
 
 
+def test_token_offset_loss_counts_only_tokens_that_show_a_thing():
+    from sim.token_position import TokenPositionHead, token_offset_loss
+
+    head = TokenPositionHead(8)
+    tokens = torch.randn(2, 4, 8)
+    offsets = head(tokens).detach().clone()  # a perfect prediction ...
+    has_thing = torch.tensor([[True, False, True, False], [False, False, True, False]])
+    offsets[~has_thing] = 5.0  # ... except where no thing is shown, which must not count
+    assert token_offset_loss(head, tokens, offsets, has_thing).item() == 0.0
+    offsets[0, 0] += 1.0
+    assert token_offset_loss(head, tokens, offsets, has_thing).item() > 0.0
+    assert token_offset_loss(head, tokens, offsets, torch.zeros(2, 4, dtype=torch.bool)) == 0
+
+
 def test_token_position_probe_tells_position_carrying_tokens_from_blind_ones(demos):
     """`sim.probe --positions`: tokens that are their grid position (one-hot) are read back
     exactly; tokens that are noise, independent of where they sit, are not."""
