@@ -24,6 +24,9 @@ whose dx/dy errors are several times press's is one the policy cannot steer in.
 
 Token positions (`--positions`): does each visual token still say where on the grid it is,
 after the vision tower and after the projector? See `token_positions`.
+
+Token offsets (`--offsets`, no dataset: rendered held-out scenes): does each token showing a
+thing say where inside its patch that thing is? See `token_offsets`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 import vla_prune
 from sim.dataset import AUX_DIM, AUX_SCALE, DemoBatches, iter_episodes
 from sim.envs.embedded import EmbeddedEnv
+from sim.grounding import GROUND_HELDOUT_SEED_START, GroundingScenes
 from sim.token_position import patch_grid
 from sim.train import TrainConfig, action_logits, last_hidden
 from vla_prune.preprocess import image_to_pixels
@@ -173,13 +177,7 @@ def token_positions(policy: vla_prune.Policy | str, data: str, episodes: int = 2
         n, t, d = x.shape
         y = np.broadcast_to(patch_grid(t).numpy().astype(np.float64), (n, t, 2))
         fit = (np.arange(n) // 2) % 2 == 0  # fit on even episodes, score on odd ones
-        xf, yf = x[fit].reshape(-1, d), y[fit].reshape(-1, 2)
-        mean = xf.mean(0)
-        xc = xf - mean
-        # Ridge (1e-3 of the mean feature variance) so a near-singular fit cannot blow up.
-        gram = xc.T @ xc + 1e-3 * np.trace(xc.T @ xc) / d * np.eye(d)
-        w = np.linalg.solve(gram, xc.T @ (yf - yf.mean(0)))
-        pred = (x[~fit].reshape(-1, d) - mean) @ w + yf.mean(0)
+        pred = _ridge_probe(x[fit].reshape(-1, d), y[fit].reshape(-1, 2), x[~fit].reshape(-1, d))
         truth = y[~fit].reshape(-1, 2)
         out[name] = {
             "row_col_mae_patches": [round(float(e), 3) for e in np.abs(pred - truth).mean(0)],
@@ -189,22 +187,88 @@ def token_positions(policy: vla_prune.Policy | str, data: str, episodes: int = 2
     return out
 
 
+def _ridge_probe(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """A least-squares linear map fitted on (x_fit, y_fit), applied to x_test. Ridge (1e-3 of
+    the mean feature variance) so a near-singular fit cannot blow up."""
+    mean = x_fit.mean(0)
+    xc = x_fit - mean
+    d = xc.shape[1]
+    gram = xc.T @ xc + 1e-3 * np.trace(xc.T @ xc) / d * np.eye(d)
+    w = np.linalg.solve(gram, xc.T @ (y_fit - y_fit.mean(0)))
+    return (x_test - mean) @ w + y_fit.mean(0)
+
+
+@torch.no_grad()
+def token_offsets(policy: vla_prune.Policy | str, scenes_per_family: int = 100) -> dict:
+    """Do the visual tokens say where inside their patch their thing is? A linear probe from
+    each token that shows a thing (object, gripper, fixture: the segmentation render's labels)
+    to that thing's sub-patch (col, row) offset, in patches, on the held-out grounding scenes
+    (first-frame poses): fitted on even scenes, scored on odd ones, for the vision tower's
+    output and the projector's. `no_information` predicts the mean offset. A patch is ~8 cm of
+    table, so this is the resolution a grasp needs beyond "which patch"."""
+    if isinstance(policy, str):
+        policy = vla_prune.load_policy(policy)
+    model = policy.model.eval()
+    scenes = GroundingScenes(policy)
+    n = scenes_per_family * len(scenes.families)
+    feats: dict[str, list[np.ndarray]] = {"vision": [], "projector": []}
+    offsets, shown, which = [], [], []
+    try:
+        for start in range(0, n, 32):
+            seeds = range(
+                GROUND_HELDOUT_SEED_START + start, GROUND_HELDOUT_SEED_START + min(n, start + 32)
+            )
+            batch = scenes.scenes(list(seeds), None)
+            v = model.vision_backbone(batch.pixels)
+            feats["vision"].append(v.float().numpy())
+            feats["projector"].append(model.projector(v).float().numpy())
+            offsets.append(batch.offsets.numpy())
+            shown.append(batch.has_thing.numpy())
+            which += list(seeds)
+    finally:
+        scenes.close()
+    y, mask = np.concatenate(offsets), np.concatenate(shown)
+    fit = (np.asarray(which) % 2 == 0)[:, None] & mask
+    test = (np.asarray(which) % 2 == 1)[:, None] & mask
+    out = {"tokens_fit": int(fit.sum()), "tokens_scored": int(test.sum())}
+    base = np.abs(y[test] - y[fit].mean(0)).mean(0)
+    out["no_information_mae_patches"] = [round(float(e), 3) for e in base]
+    for name, chunks in feats.items():
+        x = np.concatenate(chunks).astype(np.float64)
+        pred = _ridge_probe(x[fit], y[fit].astype(np.float64), x[test])
+        out[name] = {
+            "col_row_mae_patches": [round(float(e), 3) for e in np.abs(pred - y[test]).mean(0)]
+        }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--state", help="grounding: a run's train_state.pt (with its aux head)")
     which.add_argument("--policy", help="action errors: an OpenVLA checkpoint dir")
-    ap.add_argument("--data", required=True, help="dataset dir(s), a,b,...")
+    ap.add_argument("--data", help="dataset dir(s), a,b,... (all but --offsets)")
     ap.add_argument("--per-family", type=int, default=40, help="grounding: episodes per family")
     ap.add_argument("--frames", type=int, default=512, help="actions: frames per family")
     ap.add_argument(
         "--positions", action="store_true", help="with --policy: the token-position probe"
     )
+    ap.add_argument(
+        "--offsets",
+        action="store_true",
+        help="with --policy: the sub-patch offset probe (rendered held-out scenes, no --data)",
+    )
     args = ap.parse_args(argv)
+    if args.offsets and not args.policy:
+        ap.error("--offsets needs --policy")
+    if not args.offsets and not args.data:
+        ap.error("--data is required (all probes but --offsets read a dataset)")
     torch.set_num_threads(1)
     try:
         if args.state:
             result = probe(args.state, args.data, args.per_family)
+        elif args.offsets:
+            result = token_offsets(args.policy)
         elif args.positions:
             result = token_positions(args.policy, args.data)
         else:

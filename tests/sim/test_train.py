@@ -236,6 +236,45 @@ def test_token_position_probe_tells_position_carrying_tokens_from_blind_ones(dem
     assert blind["projector"]["exact"] < 0.1
 
 
+def test_token_offset_probe_tells_offset_carrying_tokens_from_blind_ones(monkeypatch):
+    """`sim.probe --offsets`: tokens that hold their thing's sub-patch offset are read back
+    to round-off; noise tokens score like the no-information baseline."""
+    import sim.probe
+    from sim.grounding import GroundingScenes
+
+    policy = vla_prune.build_policy("tiny-openvla-112", seed=0)
+    last = {}
+    real = GroundingScenes.scenes
+
+    def remembering(self, seeds, rng):
+        batch = real(self, seeds, rng)
+        last["offsets"] = batch.offsets
+        return batch
+
+    monkeypatch.setattr(GroundingScenes, "scenes", remembering)
+    gen = torch.Generator().manual_seed(0)
+
+    class Carrying(torch.nn.Module):  # the offsets plus independent noise features
+        def forward(self, pixels):
+            noise = torch.randn(*last["offsets"].shape[:2], 6, generator=gen)
+            return torch.cat([last["offsets"], noise], -1)
+
+    class Noise(torch.nn.Module):
+        def forward(self, pixels):
+            return torch.randn(*last["offsets"].shape[:2], 8, generator=gen)
+
+    policy.model.projector = torch.nn.Identity()
+    policy.model.vision_backbone = Carrying()
+    good = sim.probe.token_offsets(policy, scenes_per_family=6)
+    assert max(good["projector"]["col_row_mae_patches"]) < 0.01
+    policy.model.vision_backbone = Noise()
+    blind = sim.probe.token_offsets(policy, scenes_per_family=6)
+    base = blind["no_information_mae_patches"]
+    assert good["tokens_scored"] > 50 and min(base) > 0.1
+    for got, ref in zip(blind["projector"]["col_row_mae_patches"], base):
+        assert got > 0.8 * ref
+
+
 def test_init_from_copies_the_vlm_and_rejects_a_mismatch(tmp_path):
     """CogACT starts from a trained OpenVLA's VLM: every checkpoint tensor is copied, the DiT
     head stays fresh; a checkpoint of another shape is refused by name."""
