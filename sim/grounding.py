@@ -52,6 +52,7 @@ class GroundingBatch(NamedTuple):
     families: list[str]
     offsets: torch.Tensor  # [B, P, 2] sub-patch (col, row) offset of the thing each patch shows
     has_thing: torch.Tensor  # [B, P] bool: the patch shows a thing (offsets are defined)
+    xy: torch.Tensor  # [B, 3, 2] world x, y (metres) of each of MASK_ROLES
 
 
 class GroundingScenes:
@@ -67,7 +68,7 @@ class GroundingScenes:
         """Scene k uses family k % len(families); rng=None: first-frame gripper pose, else a
         random state for half of them (the target may already be in the gripper)."""
         pc = self.policy.config
-        pixels, prompts, masks, families, offsets, has_thing = [], [], [], [], [], []
+        pixels, prompts, masks, families, offsets, has_thing, xy = [], [], [], [], [], [], []
         for seed in seeds:
             family = self.families[seed % len(self.families)]
             home = rng is None or rng.random() < 0.5
@@ -82,6 +83,7 @@ class GroundingScenes:
                     ]
                 )
             )
+            xy.append(f.ent_xy[[f.target, f.goal, ENT_GRIPPER]])
             offsets.append(lab["offset"])
             has_thing.append(lab["reg_mask"])
             pixels.append(image_to_pixels(f.image, pc.image_size, pc.image_means, pc.image_stds))
@@ -94,6 +96,7 @@ class GroundingScenes:
             families,
             torch.from_numpy(np.stack(offsets)),
             torch.from_numpy(np.stack(has_thing)),
+            torch.from_numpy(np.stack(xy)),
         )
 
     def for_step(self, step: int, batch: int, seed: int):
@@ -147,7 +150,7 @@ def evaluate_grounding(
         seeds = range(
             GROUND_HELDOUT_SEED_START + start, GROUND_HELDOUT_SEED_START + min(n, start + batch)
         )
-        pixels, prompts, masks, families, _, _ = scenes.scenes(list(seeds), None)
+        pixels, prompts, masks, families, *_ = scenes.scenes(list(seeds), None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             hidden, lengths = last_hidden(policy, pixels, prompts)
             logits = grounding_logits(head, hidden, lengths, masks.shape[-1])

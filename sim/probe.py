@@ -27,11 +27,16 @@ after the vision tower and after the projector? See `token_positions`.
 
 Token offsets (`--offsets`, no dataset: rendered held-out scenes): does each token showing a
 thing say where inside its patch that thing is? See `token_offsets`.
+
+Readout (`--readout`, rendered scenes): how well the target's and the gripper's world
+position can be read, linearly, off the target's token and off the action query entering each
+decoder layer — where along the chain the position gets lost. See `query_readout`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -193,7 +198,9 @@ def _ridge_probe(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray) -> np
     mean = x_fit.mean(0)
     xc = x_fit - mean
     d = xc.shape[1]
-    gram = xc.T @ xc + 1e-3 * np.trace(xc.T @ xc) / d * np.eye(d)
+    # a constant feature set (e.g. the query before any layer) fits to the mean, not a crash
+    ridge = max(1e-3 * np.trace(xc.T @ xc) / d, 1e-9)
+    gram = xc.T @ xc + ridge * np.eye(d)
     w = np.linalg.solve(gram, xc.T @ (y_fit - y_fit.mean(0)))
     return (x_test - mean) @ w + y_fit.mean(0)
 
@@ -242,6 +249,71 @@ def token_offsets(policy: vla_prune.Policy | str, scenes_per_family: int = 100) 
     return out
 
 
+@torch.no_grad()
+def query_readout(policy: vla_prune.Policy | str, scenes_per_family: int = 200) -> dict:
+    """Where along the chain token -> query is the target's position lost? Linear probes to
+    the world (x, y) of the target and of the gripper, median error in cm, from: the target's
+    projected token (with a one-hot of its patch), the action query's hidden state entering
+    each decoder layer, and the final query (what the action head and the aux head read).
+    Rendered held-out scenes (random gripper states, so the gripper moves); fitted on even
+    scenes, scored on odd ones. A representation that reads out to ~1 cm holds what a grasp
+    needs; the first one in the chain that does not is where it is lost."""
+    from sim.query_attention import capture_layer_input
+    from sim.seglabels import ENT_GRIPPER, SceneSampler
+
+    if isinstance(policy, str):
+        policy = vla_prune.load_policy(policy)
+    model, pc = policy.model.eval(), policy.config
+    layers = model.language_model.model.layers
+    reps: dict[str, list[np.ndarray]] = {"target token": []}
+    reps |= {f"query into layer {i}": [] for i in range(len(layers))}
+    reps["query final"] = []
+    truth, which = [], []
+    for family in ("press", "push", "pick_place", "stack"):
+        sampler = SceneSampler(family)
+        try:
+            for k in range(scenes_per_family):
+                seed = GROUND_HELDOUT_SEED_START + k
+                f = sampler.frame(seed, np.random.default_rng(seed), home=False)
+                grid = int(round(pc.num_patches**0.5))
+                col, row = np.clip(
+                    (f.ent_uv[f.target] * grid / f.image.shape[0]).astype(int), 0, grid - 1
+                )
+                pixels = image_to_pixels(f.image, pc.image_size, pc.image_means, pc.image_stds)
+                with contextlib.ExitStack() as stack:
+                    seen = [stack.enter_context(capture_layer_input(layer)) for layer in layers]
+                    hidden, (n,) = last_hidden(policy, pixels, [policy.token_ids(f.instruction)])
+                token = model.projector(model.vision_backbone(pixels))[0, row * grid + col]
+                onehot = np.eye(pc.num_patches)[row * grid + col]
+                reps["target token"].append(np.r_[token.float().numpy(), onehot])
+                for i, got in enumerate(seen):
+                    reps[f"query into layer {i}"].append(got["hidden"][0, n - 1].float().numpy())
+                reps["query final"].append(hidden[0, n - 1].float().numpy())
+                truth.append(np.r_[f.ent_xy[f.target], f.ent_xy[ENT_GRIPPER]])
+                which.append(k)
+        finally:
+            sampler.close()
+    y = np.asarray(truth, dtype=np.float64)
+    fit = np.asarray(which) % 2 == 0
+    out: dict = {"scenes_fit": int(fit.sum()), "scenes_scored": int((~fit).sum())}
+
+    def cm(pred: np.ndarray, true: np.ndarray) -> float:
+        return round(float(np.median(np.linalg.norm(pred - true, axis=1))) * 100, 2)
+
+    out["no_information"] = {
+        "target_cm": cm(y[fit, :2].mean(0), y[~fit, :2]),
+        "gripper_cm": cm(y[fit, 2:].mean(0), y[~fit, 2:]),
+    }
+    for name, rows in reps.items():
+        x = np.asarray(rows, dtype=np.float64)
+        pred = _ridge_probe(x[fit], y[fit], x[~fit])
+        out[name] = {
+            "target_cm": cm(pred[:, :2], y[~fit, :2]),
+            "gripper_cm": cm(pred[:, 2:], y[~fit, 2:]),
+        }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     which = ap.add_mutually_exclusive_group(required=True)
@@ -258,15 +330,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="with --policy: the sub-patch offset probe (rendered held-out scenes, no --data)",
     )
+    ap.add_argument(
+        "--readout",
+        action="store_true",
+        help="with --policy: target / gripper xy read out along token -> query (no --data)",
+    )
+    ap.add_argument("--scenes", type=int, default=200, help="--readout: scenes per family")
     args = ap.parse_args(argv)
-    if args.offsets and not args.policy:
-        ap.error("--offsets needs --policy")
-    if not args.offsets and not args.data:
-        ap.error("--data is required (all probes but --offsets read a dataset)")
+    rendered = args.offsets or args.readout
+    if rendered and not args.policy:
+        ap.error("--offsets and --readout need --policy")
+    if not rendered and not args.data:
+        ap.error("--data is required (all probes but --offsets / --readout read a dataset)")
     torch.set_num_threads(1)
     try:
         if args.state:
             result = probe(args.state, args.data, args.per_family)
+        elif args.readout:
+            result = query_readout(args.policy, args.scenes)
         elif args.offsets:
             result = token_offsets(args.policy)
         elif args.positions:

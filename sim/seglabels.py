@@ -67,6 +67,7 @@ class Frame:
     instruction: str
     target: int  # entity index of the thing to move (press: the button)
     goal: int  # entity index of where it goes (press: the button; stack: the base object)
+    ent_xy: np.ndarray | None = None  # float32 [E, 2] world x, y (metres; probes, not training)
 
 
 def patch_labels(
@@ -254,6 +255,7 @@ class SceneSampler:
             task.instruction,
             target,
             goal,
+            pos_arr[:, :2].astype(np.float32),
         )
 
     def project(self, points: np.ndarray) -> np.ndarray:

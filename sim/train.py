@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import vla_prune
-from sim.dataset import AUX_DIM, DemoBatches
+from sim.dataset import AUX_DIM, AUX_SCALE, DemoBatches
 from sim.grounding import (
     MASK_ROLES,
     GroundingHead,
@@ -38,7 +38,12 @@ from sim.grounding import (
     grounding_loss,
 )
 from sim.pretrain_vision import load_vision_backbone
-from sim.query_attention import attention_mass_loss, capture_layer_input, query_attention
+from sim.query_attention import (
+    attention_mass_loss,
+    capture_layer_input,
+    query_attention,
+    readout_loss,
+)
 from sim.token_position import TokenPositionHead, token_offset_loss, token_position_loss
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ class TrainConfig:
     attn_weight: float = 0.0  # >0: query heads attend to target/goal/gripper (sim.query_attention)
     attn_layer: int = 1  # the decoder layer whose heads sim.query_attention supervises
     offset_weight: float = 0.0  # >0: projected tokens keep their thing's sub-patch offset
+    readout_weight: float = 0.0  # >0: the query after attn_layer gives target/goal/gripper xy
     export_dir: str = ""  # also write the policy + log + training heads here (commit-able)
     export_every_min: float = 20.0  # ... at the first save after this many minutes
     bf16: bool = True  # autocast on CPU (fp32 master weights); --no-bf16 to turn off
@@ -254,19 +260,28 @@ class GroundStep(NamedTuple):
     attn_loss: torch.Tensor | None  # sim.query_attention
     attn_mass: torch.Tensor | None  # [3]: mass on each of MASK_ROLES
     offset_loss: torch.Tensor | None  # sim.token_position.token_offset_loss
+    readout_loss: torch.Tensor | None  # sim.query_attention.readout_loss
 
 
-def _ground_step(policy, head, scenes, step: int, cfg: TrainConfig, offset_head=None):
+def _ground_step(
+    policy, head, scenes, step: int, cfg: TrainConfig, offset_head=None, readout_head=None
+):
     """On this step's fresh scenes (sim.grounding): the grounding loss and the objectives that
     need the render's labels. Fresh scenes: each step's numbers are measured before training
     on them, so they are held-out numbers."""
-    pixels, prompts, masks, _, offsets, has_thing = scenes.for_step(
+    pixels, prompts, masks, _, offsets, has_thing, xy = scenes.for_step(
         step, cfg.ground_batch, cfg.seed
     )
     lm = policy.model.language_model.model
     layer = lm.layers[cfg.attn_layer] if cfg.attn_weight > 0 else None
-    capture = capture_layer_input(layer) if layer is not None else contextlib.nullcontext()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16), capture as seen:
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16),
+        contextlib.ExitStack() as stack,
+    ):
+        seen = stack.enter_context(capture_layer_input(layer)) if layer is not None else None
+        after = None  # the query right after the supervised layer: what it has read
+        if readout_head is not None:
+            after = stack.enter_context(capture_layer_input(lm.layers[cfg.attn_layer + 1]))
         patches = visual_tokens(policy, pixels)
         hidden, lengths = last_hidden(policy, pixels, prompts, patches=patches)
         logits = grounding_logits(head, hidden, lengths, masks.shape[-1])
@@ -275,9 +290,13 @@ def _ground_step(policy, head, scenes, step: int, cfg: TrainConfig, offset_head=
         o_loss = None
         if offset_head is not None:
             o_loss = token_offset_loss(offset_head, patches, offsets, has_thing)
+        r_loss = None
+        if readout_head is not None:
+            query = after["hidden"][torch.arange(len(lengths)), torch.tensor(lengths) - 1]
+            r_loss = readout_loss(readout_head, query, xy * AUX_SCALE)
     g_loss, g_acc = grounding_loss(logits, masks)
     a_loss, a_mass = attention_mass_loss(attn, masks) if layer is not None else (None, None)
-    return GroundStep(g_loss, g_acc, a_loss, a_mass, o_loss)
+    return GroundStep(g_loss, g_acc, a_loss, a_mass, o_loss, r_loss)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -289,8 +308,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def check_config(cfg: TrainConfig, num_layers: int, num_heads: int) -> None:
     """Reject settings that would silently do nothing or fail mid-run."""
-    if cfg.offset_weight > 0 and cfg.ground_weight <= 0:
-        raise ValueError("--offset-weight uses the grounding scenes: set --ground-weight > 0")
+    for name in ("offset_weight", "readout_weight"):
+        if getattr(cfg, name) > 0 and cfg.ground_weight <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} uses the grounding scenes: set --ground-weight > 0")
+    if cfg.readout_weight > 0 and not 0 <= cfg.attn_layer < num_layers - 1:
+        raise ValueError(
+            f"--readout-weight reads the query after --attn-layer {cfg.attn_layer}: "
+            f"it must be below the last of {num_layers} layers"
+        )
     if cfg.attn_weight > 0:
         if cfg.ground_weight <= 0:
             raise ValueError("--attn-weight uses the grounding scenes: set --ground-weight > 0")
@@ -315,7 +341,7 @@ def train(cfg: TrainConfig) -> Path:
     data = DemoBatches(cfg.data, policy, cfg)
     val = DemoBatches(cfg.val_data, policy, cfg, stats=data.stats) if cfg.val_data else None
     model = policy.model.train()
-    ground_head = pos_head = aux_head = offset_head = None
+    ground_head = pos_head = aux_head = offset_head = readout_head = None
     with torch.random.fork_rng():  # seeded heads (a run is a function of its config), and
         torch.manual_seed(cfg.seed + 1)  # the global RNG left as it was
         if cfg.ground_weight > 0:
@@ -324,6 +350,8 @@ def train(cfg: TrainConfig) -> Path:
             pos_head = TokenPositionHead(policy.config.llm_dim)
         if cfg.offset_weight > 0:
             offset_head = TokenPositionHead(policy.config.llm_dim)
+        if cfg.readout_weight > 0:
+            readout_head = torch.nn.Linear(policy.config.llm_dim, 2 * len(MASK_ROLES))
         if cfg.aux_weight > 0:
             aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM)
     scenes = GroundingScenes(policy) if ground_head is not None else None
@@ -331,6 +359,7 @@ def train(cfg: TrainConfig) -> Path:
     params += list(ground_head.parameters()) if ground_head else []
     params += list(pos_head.parameters()) if pos_head else []
     params += list(offset_head.parameters()) if offset_head else []
+    params += list(readout_head.parameters()) if readout_head else []
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -358,6 +387,8 @@ def train(cfg: TrainConfig) -> Path:
             pos_head.load_state_dict(state["pos_head"])
         if offset_head is not None:
             offset_head.load_state_dict(state["offset_head"])
+        if readout_head is not None:
+            readout_head.load_state_dict(state["readout_head"])
         opt.load_state_dict(state["optim"])
         gen.set_state(state["generator"])
         step = state["step"]
@@ -394,12 +425,14 @@ def train(cfg: TrainConfig) -> Path:
                 pos_loss = token_position_loss(pos_head, patches)
             total = total + cfg.pos_weight * pos_loss
         if ground_head is not None:
-            g = _ground_step(policy, ground_head, scenes, step, cfg, offset_head)
+            g = _ground_step(policy, ground_head, scenes, step, cfg, offset_head, readout_head)
             total = total + cfg.ground_weight * g.loss
             if g.attn_loss is not None:
                 total = total + cfg.attn_weight * g.attn_loss
             if g.offset_loss is not None:
                 total = total + cfg.offset_weight * g.offset_loss
+            if g.readout_loss is not None:
+                total = total + cfg.readout_weight * g.readout_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -430,6 +463,8 @@ def train(cfg: TrainConfig) -> Path:
                     rec |= {f"attn_mass_{r}": round(m, 4) for r, m in zip(MASK_ROLES, masses)}
                 if g.offset_loss is not None:
                     rec["offset_loss"] = round(g.offset_loss.item(), 4)
+                if g.readout_loss is not None:
+                    rec["readout_loss"] = round(g.readout_loss.item(), 4)
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             log.info(
@@ -452,6 +487,7 @@ def train(cfg: TrainConfig) -> Path:
                     **({"ground_head": ground_head.state_dict()} if ground_head else {}),
                     **({"pos_head": pos_head.state_dict()} if pos_head else {}),
                     **({"offset_head": offset_head.state_dict()} if offset_head else {}),
+                    **({"readout_head": readout_head.state_dict()} if readout_head else {}),
                     "optim": opt.state_dict(),
                     "generator": gen.get_state(),
                     "step": step,

@@ -158,6 +158,7 @@ def test_bc_with_init_vision_and_grounding_logs_and_resumes_exactly(pretrained, 
             attn_weight=1.0,  # the query-attention objective rides on the grounding scenes
             pos_weight=1.0,  # and the position loss shares the action loss's vision pass
             offset_weight=1.0,  # the sub-patch offsets come from the grounding scenes' labels
+            readout_weight=1.0,  # and the world positions the query must read
         )
         return train_mod.TrainConfig(**{**base, **kw})
 
@@ -175,8 +176,8 @@ def test_bc_with_init_vision_and_grounding_logs_and_resumes_exactly(pretrained, 
     held = [r["ground_heldout"] for r in recs if "ground_heldout" in r]
     assert len(held) == 2 and {"press_target", "stack_goal", "all"} <= set(held[-1])
     state = torch.load(tmp_path / "a/train_state.pt", weights_only=True)
-    assert {"ground_head", "pos_head", "offset_head"} <= set(state)
-    assert all(r["offset_loss"] > 0 for r in recs if "loss" in r)
+    assert {"ground_head", "pos_head", "offset_head", "readout_head"} <= set(state)
+    assert all(r["offset_loss"] > 0 and r["readout_loss"] > 0 for r in recs if "loss" in r)
     # interrupted after the step-3 save: the resumed run ends with the same weights
     calls = {"n": 0}
     real = train_mod._ground_step
@@ -214,3 +215,4 @@ def test_grounding_scenes_are_a_function_of_the_step():
     # every patch showing a thing has an offset inside the +-1.5-patch clip
     assert a.offsets.shape == (2, 64, 2) and a.has_thing.any()
     assert a.offsets[a.has_thing].abs().max() <= 1.5
+    assert a.xy.shape == (2, 3, 2) and a.xy.abs().max() < 1.0  # metres, on the table

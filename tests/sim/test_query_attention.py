@@ -100,3 +100,7 @@ def test_attention_weight_needs_the_grounding_scenes_and_a_real_layer():
     with pytest.raises(ValueError, match="heads"):
         check_config(TrainConfig(**base, ground_weight=1.0), 4, 2)
     check_config(TrainConfig(**base, ground_weight=1.0), 4, 4)  # fine
+    with pytest.raises(ValueError, match="--readout-weight"):  # no layer after the last
+        check_config(TrainConfig(**base, ground_weight=1.0, attn_layer=3, readout_weight=1.0), 4, 4)
+    with pytest.raises(ValueError, match="--offset-weight"):
+        check_config(TrainConfig(data="d", out="o", offset_weight=1.0), 4, 4)

@@ -338,3 +338,21 @@ def test_validation_on_held_out_scenes_is_logged_and_deterministic(demos, tmp_pa
     before = train_mod.validate(fresh, data, cfg)
     assert before == train_mod.validate(fresh, data, cfg)
     assert val[-1]["val_loss"] < 0.8 * before["val_loss"]
+
+
+def test_query_readout_probe_scores_a_constant_query_as_no_information():
+    """`sim.probe --readout`: the query entering layer 0 is the last prompt token's embedding,
+    the same for every scene of an instruction set: it must score as the mean predictor would
+    (and not crash a singular fit); the rows are the chain token -> each layer -> final."""
+    from sim.probe import query_readout
+
+    policy = vla_prune.build_policy("tiny-openvla-112", seed=0)
+    out = query_readout(policy, scenes_per_family=4)
+    layers = policy.model.language_model.config.num_hidden_layers
+    assert {"target token", "query final"} | {
+        f"query into layer {i}" for i in range(layers)
+    } <= set(out)
+    assert out["scenes_fit"] == out["scenes_scored"] == 8
+    # every prompt ends in the same token: layer 0's input is one constant vector
+    assert out["query into layer 0"] == out["no_information"]
+    assert out["no_information"]["target_cm"] > 1.0
