@@ -53,7 +53,7 @@ def _run(layer, lm, h, pos, cache):
         h,
         attention_mask=None,
         position_ids=pos,
-        past_key_values=cache,
+        cache=cache,  # transformers 5.x name (past_key_values is deprecated, gone in 5.40)
         use_cache=True,
         position_embeddings=cos_sin,
     )
