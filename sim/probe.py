@@ -49,7 +49,7 @@ from sim.dataset import AUX_DIM, AUX_SCALE, DemoBatches, iter_episodes
 from sim.envs.embedded import EmbeddedEnv
 from sim.grounding import GROUND_HELDOUT_SEED_START, GroundingScenes
 from sim.token_position import patch_grid
-from sim.train import TrainConfig, action_logits, last_hidden
+from sim.train import TrainConfig, action_logits, last_hidden, visual_tokens
 from vla_prune.preprocess import image_to_pixels
 
 log = logging.getLogger(__name__)
@@ -269,21 +269,23 @@ def query_readout(policy: vla_prune.Policy | str, scenes_per_family: int = 200) 
     reps |= {f"query into layer {i}": [] for i in range(len(layers))}
     reps["query final"] = []
     truth, which = [], []
+    grid = int(round(pc.num_patches**0.5))
     for family in ("press", "push", "pick_place", "stack"):
         sampler = SceneSampler(family)
         try:
             for k in range(scenes_per_family):
                 seed = GROUND_HELDOUT_SEED_START + k
                 f = sampler.frame(seed, np.random.default_rng(seed), home=False)
-                grid = int(round(pc.num_patches**0.5))
                 col, row = np.clip(
                     (f.ent_uv[f.target] * grid / f.image.shape[0]).astype(int), 0, grid - 1
                 )
                 pixels = image_to_pixels(f.image, pc.image_size, pc.image_means, pc.image_stds)
+                patches = visual_tokens(policy, pixels)
                 with contextlib.ExitStack() as stack:
                     seen = [stack.enter_context(capture_layer_input(layer)) for layer in layers]
-                    hidden, (n,) = last_hidden(policy, pixels, [policy.token_ids(f.instruction)])
-                token = model.projector(model.vision_backbone(pixels))[0, row * grid + col]
+                    prompt = [policy.token_ids(f.instruction)]
+                    hidden, (n,) = last_hidden(policy, pixels, prompt, patches=patches)
+                token = patches[0, row * grid + col]
                 onehot = np.eye(pc.num_patches)[row * grid + col]
                 reps["target token"].append(np.r_[token.float().numpy(), onehot])
                 for i, got in enumerate(seen):

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from vla_prune.engine.rope import apply_rope
+
 
 @contextlib.contextmanager
 def capture_layer_input(layer: torch.nn.Module) -> Iterator[dict]:
@@ -54,19 +56,13 @@ def query_attention(
     rows = torch.arange(b)
     q = attn.q_proj(x[rows, last]).view(b, num_heads, 1, -1)
     k = attn.k_proj(x).view(b, n, -1, q.shape[-1]).transpose(1, 2)
-    q = _rope(q, cos[rows, last][:, None, None], sin[rows, last][:, None, None])
-    k = _rope(k, cos[:, None], sin[:, None])
+    q = apply_rope(q, cos[rows, last][:, None], sin[rows, last][:, None])
+    k = apply_rope(k, cos, sin)
     if k.shape[1] != num_heads:  # grouped-query attention
         k = k.repeat_interleave(num_heads // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2))[:, :, 0].float() * q.shape[-1] ** -0.5
     pad = torch.arange(n)[None] >= torch.tensor(lengths)[:, None]  # the query sees every valid row
     return torch.softmax(scores.masked_fill(pad[:, None], float("-inf")), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 def attention_mass_loss(
