@@ -90,7 +90,8 @@ class Proc:
         return self.popen.returncode
 
     def tail(self, n: int = 40) -> str:
-        self._out.flush()
+        if not self._out.closed:  # after stop() the log is closed (and complete)
+            self._out.flush()
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
