@@ -72,6 +72,9 @@ class TrainConfig:
     val_size: int = 256  # validation transitions (evenly spaced over val_data)
     init_from: str = ""  # start from a trained checkpoint's weights (e.g. CogACT from OpenVLA)
     init_vision: str = ""  # pretrained ViT pair (sim.pretrain_vision), loaded after init_from
+    # the training heads of an earlier run (its exported heads.safetensors or its
+    # train_state.pt), so a continued stage keeps them instead of starting them from scratch
+    init_heads: str = ""
     ground_weight: float = 0.0  # >0: grounding objective on fresh rendered scenes (sim.grounding)
     ground_batch: int = 16  # fresh scenes per step for the grounding loss
     ground_heldout: int = 200  # held-out grounding scenes, measured at every save
@@ -226,6 +229,35 @@ def init_weights(model: torch.nn.Module, checkpoint: str) -> None:
     log.info("initialized %d tensors from %s; from scratch: %s", len(source), checkpoint, fresh[:8])
 
 
+def init_training_heads(heads: dict, path: str) -> None:
+    """Load the training heads this run has from an earlier run's heads.safetensors (its
+    export) or train_state.pt. A head the file lacks starts fresh (logged); a head whose
+    shapes differ is an error, not a silent restart."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        flat = load_file(path)
+        saved: dict[str, dict] = {}
+        for key, v in flat.items():
+            name, _, rest = key.partition(".")
+            saved.setdefault(name, {})[rest] = v
+    else:
+        state = torch.load(path, weights_only=True)
+        saved = {k: v for k, v in state.items() if k.endswith("_head") and v}
+    fresh = []
+    for name, head in heads.items():
+        if head is None:
+            continue
+        if name not in saved:
+            fresh.append(name)
+            continue
+        try:
+            head.load_state_dict(saved[name])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: {name} does not fit this run's head: {e}") from None
+    log.info("training heads from %s; from scratch: %s", path, fresh or "none")
+
+
 @torch.no_grad()
 def validate(policy, val: DemoBatches, cfg: TrainConfig, aux_head=None) -> dict[str, float]:
     """Loss, action-token accuracy and aux loss on held-out scenes (no augmentation).
@@ -354,6 +386,15 @@ def train(cfg: TrainConfig) -> Path:
             readout_head = torch.nn.Linear(policy.config.llm_dim, 2 * len(MASK_ROLES))
         if cfg.aux_weight > 0:
             aux_head = torch.nn.Linear(policy.config.llm_dim, AUX_DIM)
+    heads = {
+        "aux_head": aux_head,
+        "ground_head": ground_head,
+        "pos_head": pos_head,
+        "offset_head": offset_head,
+        "readout_head": readout_head,
+    }
+    if cfg.init_heads:
+        init_training_heads(heads, cfg.init_heads)
     scenes = GroundingScenes(policy) if ground_head is not None else None
     params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head else [])
     params += list(ground_head.parameters()) if ground_head else []
@@ -379,16 +420,9 @@ def train(cfg: TrainConfig) -> Path:
         if asdict(TrainConfig(**state["config"])) != asdict(cfg):
             raise ValueError(f"{state_path} was written with a different config; use a new --out")
         model.load_state_dict(state["model"])
-        if aux_head is not None:
-            aux_head.load_state_dict(state["aux_head"])
-        if ground_head is not None:
-            ground_head.load_state_dict(state["ground_head"])
-        if pos_head is not None:
-            pos_head.load_state_dict(state["pos_head"])
-        if offset_head is not None:
-            offset_head.load_state_dict(state["offset_head"])
-        if readout_head is not None:
-            readout_head.load_state_dict(state["readout_head"])
+        for name, head in heads.items():
+            if head is not None:
+                head.load_state_dict(state[name])
         opt.load_state_dict(state["optim"])
         gen.set_state(state["generator"])
         step = state["step"]
@@ -483,11 +517,7 @@ def train(cfg: TrainConfig) -> Path:
             torch.save(
                 {
                     "model": model.state_dict(),
-                    "aux_head": aux_head.state_dict() if aux_head else {},
-                    **({"ground_head": ground_head.state_dict()} if ground_head else {}),
-                    **({"pos_head": pos_head.state_dict()} if pos_head else {}),
-                    **({"offset_head": offset_head.state_dict()} if offset_head else {}),
-                    **({"readout_head": readout_head.state_dict()} if readout_head else {}),
+                    **{k: h.state_dict() for k, h in heads.items() if h is not None},
                     "optim": opt.state_dict(),
                     "generator": gen.get_state(),
                     "step": step,
@@ -511,7 +541,7 @@ def train(cfg: TrainConfig) -> Path:
             due = time.monotonic() - last_export >= 60 * cfg.export_every_min
             if cfg.export_dir and (due or step == cfg.steps):
                 log_file.flush()
-                _export_run(policy, data.stats, out, Path(cfg.export_dir), aux_head, ground_head)
+                _export_run(policy, data.stats, out, Path(cfg.export_dir), heads)
                 policy.model.train()
                 last_export = time.monotonic()
     if scenes is not None:
@@ -525,20 +555,23 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def _export_run(policy, stats: dict, out: Path, dest: Path, aux_head, ground_head) -> None:
+def _export_run(policy, stats: dict, out: Path, dest: Path, heads: dict) -> None:
     """An intermediate checkpoint small enough to commit: the policy in load_policy's layout
-    (no optimizer state; continue with --init-from DEST/policy), the training-only heads
-    (safetensors) and a copy of the log."""
+    (no optimizer state; continue with --init-from DEST/policy --init-heads
+    DEST/heads.safetensors), the training-only heads (safetensors) and a copy of the log."""
     from safetensors.torch import save_file
 
     dest.mkdir(parents=True, exist_ok=True)
     policy.norm_stats, policy.unnorm_key = {UNNORM_KEY: stats}, UNNORM_KEY
     policy.save(dest / "policy")
-    heads = {f"aux_head.{k}": v for k, v in (aux_head.state_dict() if aux_head else {}).items()}
-    if ground_head is not None:
-        heads |= {f"ground_head.{k}": v for k, v in ground_head.state_dict().items()}
-    if heads:
-        save_file({k: v.contiguous() for k, v in heads.items()}, str(dest / "heads.safetensors"))
+    tensors = {
+        f"{name}.{k}": v.detach().contiguous()
+        for name, head in heads.items()
+        if head is not None
+        for k, v in head.state_dict().items()
+    }
+    if tensors:
+        save_file(tensors, str(dest / "heads.safetensors"))
     shutil.copyfile(out / "train_log.jsonl", dest / "train_log.jsonl")
     log.info("exported the policy to %s", dest)
 

@@ -180,6 +180,39 @@ def test_aux_loss_trains_and_is_not_exported(demos, tmp_path):
         probe(str(tmp_path / "plain/train_state.pt"), str(demos))
 
 
+def test_init_heads_continues_every_training_head_and_rejects_a_mismatch(demos, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    heads = dict(aux_weight=1.0, pos_weight=1.0)
+    first = _cfg(demos, tmp_path / "a", steps=3, export_dir=str(tmp_path / "exp"), **heads)
+    train(first)
+    state = torch.load(tmp_path / "a/train_state.pt", weights_only=True)
+    exported = load_file(tmp_path / "exp/heads.safetensors")
+    # the export holds every head the run trained (it used to keep only aux and grounding)
+    assert {k.split(".")[0] for k in exported} == {"aux_head", "pos_head"}
+    for source in (tmp_path / "exp/heads.safetensors", tmp_path / "a/train_state.pt"):
+        out = tmp_path / f"b-{source.suffix[1:]}"
+        # lr 0: one step that saves the state without moving a weight
+        train(_cfg(demos, out, steps=1, lr=0.0, init_heads=str(source), **heads))
+        got = torch.load(out / "train_state.pt", weights_only=True)
+        for name in ("aux_head", "pos_head"):
+            for k, v in state[name].items():
+                assert torch.equal(got[name][k], v), (source.name, name, k)
+    # a misshapen head is an error, not a silent fresh start
+    bad = {k: (v[:1] if k == "aux_head.weight" else v) for k, v in exported.items()}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="aux_head does not fit"):
+        train(
+            _cfg(
+                demos,
+                tmp_path / "d",
+                steps=1,
+                init_heads=str(tmp_path / "bad.safetensors"),
+                aux_weight=1.0,
+            )
+        )
+
+
 def test_token_position_objective_trains_and_stays_out_of_the_policy(demos, tmp_path):
     cfg = _cfg(demos, tmp_path / "pos", preset="tiny-openvla-112", pos_weight=1.0, steps=20)
     final = train(cfg)
